@@ -1,0 +1,1 @@
+"""SGDD: semantic-guided discrete diffusion."""

@@ -1,0 +1,361 @@
+"""Typed, nested run configuration: YAML in, strict keys and types, dotted command-line overrides.
+
+A config is a tree of dataclasses (Config -> model, diffusion, data, encoder, training, sampling, tracking).
+`load_config(path, overrides)` reads YAML, applies `a.b=value` overrides, checks every key and type, and
+validates combinations. Unknown keys or wrong types raise ConfigError naming the key, the file and the
+valid keys. `config_to_dict` gives the resolved config that goes into checkpoints and tracked runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sgdd.registry import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """The conditioned decoder and its VIB head."""
+
+    # "encoder": start embeddings / positions / transformer layers from the frozen encoder's weights
+    # (BERT-style HF checkpoints); "scratch": random init. Sizes below are ignored for parts taken from
+    # the encoder (hidden_size, num_heads, mlp size come from the encoder when init_from == "encoder").
+    init_from: str = "encoder"
+    num_layers: int = 6  # with init_from=encoder: uses the encoder's first num_layers layers
+    hidden_size: int = 384
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    positions: str = "learned"  # learned | rope | both
+    latent_dim: int = 256  # VIB latent size D_z
+    prefix_tokens: int = 0  # z also enters as this many prefix tokens (0 = AdaLN only)
+    tie_embeddings: bool = True  # output layer shares the token embedding matrix
+    length_head: bool = True  # predict the sentence length from z (used by samplers with length=predict)
+    kl_weight: float = 1.0e-3
+    kl_warmup_steps: int = 1000
+    cond_dropout: float = 0.1  # probability of replacing z by the learned null condition (CFG training)
+
+
+@dataclass
+class DiffusionConfig:
+    process: str = "masked"  # masked | score_entropy
+    # masked process
+    schedule: str = "cosine"  # cosine | loglinear
+    loss_weighting: str = "elbo"  # elbo (MDLM weight, sum over masked tokens / tokens) | uniform (mean CE)
+    # score-entropy process (SEDD)
+    graph: str = "absorbing"  # absorbing | uniform
+    noise: str = "loglinear"  # loglinear | geometric
+    sigma_min: float = 1.0e-4
+    sigma_max: float = 20.0
+    eps: float = 1.0e-3  # t is drawn from [eps, 1]
+
+
+@dataclass
+class DataConfig:
+    source: str = "wiki_sample"  # wiki_sample | text | disk | bookcorpus
+    path: str = ""  # text: a file or glob (one sentence per line); disk: a save_to_disk folder
+    hf_dataset: str = "bookcorpus"  # bookcorpus: the hub id
+    hf_split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
+    valid_path: str = ""  # explicit validation file (one sentence per line); else a split of the corpus
+    valid_size: int = 1000  # sentences held out when valid_path is empty
+    max_sentences: int = 0  # 0 = all
+    min_tokens: int = 4  # decoder tokens, end token excluded
+    max_length: int = 64  # decoder tokens including the end-of-sentence token
+    dedup: bool = True
+    seed: int = 0
+    cache_dir: str = "data/cache"
+    prune_vocab: bool = True
+    pad_slack: int = 4  # batches pad to (longest in batch + pad_slack), capped at max_length
+    bucket_by_length: bool = True
+
+
+@dataclass
+class EncoderConfig:
+    backend: str = "transformers"  # transformers | flag
+    name: str = "bundled-minilm"  # hub id, local folder, or bundled-minilm
+    pooling: str = "mean"  # mean | cls
+    normalize: bool = True
+    max_length: int = 128  # encoder tokens
+    batch_size: int = 128
+    precision: str = "bf16"  # bf16 | fp32 (autocast for the frozen encoder)
+
+
+@dataclass
+class TrainingConfig:
+    run_name: str = "run"
+    output_dir: str = "checkpoints"
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 5.0e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 200
+    max_steps: int = 10000
+    max_minutes: float = 0.0  # wall-clock budget; 0 = none. The LR schedule then follows elapsed time.
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "bf16"  # bf16 | fp32
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 1000
+    save_every: int = 1000
+    keep_last: int = 2  # step checkpoints kept besides latest/ and best/
+    num_eval_sentences: int = 64  # validation sentences reconstructed through the sampler at each eval
+    num_eval_batches: int = 8  # validation batches for loss / accuracy
+    resume: str = ""  # "" | auto | PATH
+    max_nonfinite: int = 10  # abort after this many non-finite losses in a row
+    final_eval: bool = True  # run evaluation at the end of train.py and print BLEU + examples
+    final_eval_sentences: int = 200
+    threads: int = 0  # torch.set_num_threads; 0 = leave as is
+
+
+@dataclass
+class SamplingConfig:
+    sampler: str = "maskgit"  # maskgit | euler | analytic
+    steps: int = 16
+    cfg_scale: float = 1.5  # 1 = conditional only, 0 = unconditional
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = True  # argmax tokens (reconstruction); False samples
+    gumbel_noise: float = 0.0  # annealed Gumbel noise on confidences (MaskGIT), 0 = none
+    remask: float = 0.0  # fraction of low-confidence decoded tokens re-masked per step (MaskGIT)
+    length: str = "predict"  # predict (length head + pad_slack) | max (always data.max_length)
+    rerank: int = 1  # best-of-K by re-embedding cosine; 1 = off
+    batch_size: int = 64
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "auto"  # auto (online if WANDB_API_KEY is set, else offline) | online | offline | disabled
+    project: str = "sgdd"
+    entity: str = ""
+    tags: list[str] = field(default_factory=list)
+    dir: str = "wandb"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check (and gently coerce: int -> float) a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (list,):
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: '{key}' must be a list of {_type_name(inner)}, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: '{key}' has the wrong type: got {value!r}, expected {tp}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: '{key}' has unsupported type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix or 'top level'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key '{key}'; valid keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key, where)
+        else:
+            kwargs[name] = _coerce(value, tp, key, where)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, where: str = "<dict>") -> Config:
+    cfg = _build(Config, data, "", where)
+    validate_config(cfg, where)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'training.max_steps=200' -> (['training', 'max_steps'], 200); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. training.max_steps=200)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        cls: Any = Config
+        for i, part in enumerate(path[:-1]):
+            names = {f.name for f in dataclasses.fields(cls)}
+            if part not in names:
+                raise ConfigError(
+                    f"override '{text}': unknown section '{'.'.join(path[: i + 1])}'; valid: {', '.join(sorted(names))}"
+                )
+            cls = typing.get_type_hints(cls)[part]
+            if not dataclasses.is_dataclass(cls):
+                raise ConfigError(f"override '{text}': '{'.'.join(path[: i + 1])}' is not a section")
+            node = node.setdefault(part, {}) if isinstance(node.get(part), dict) or part not in node else node[part]
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply dotted overrides, check and validate."""
+    data: dict = {}
+    where = "defaults"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; the shipped configs are in configs/")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
+    if overrides:
+        where = f"{where} + overrides"
+        data = apply_overrides(data, list(overrides))
+    return config_from_dict(data, where)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation of values and combinations
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.init_from": ("encoder", "scratch"),
+    "model.positions": ("learned", "rope", "both"),
+    "diffusion.process": ("masked", "score_entropy"),
+    "diffusion.loss_weighting": ("elbo", "uniform"),
+    # these three mirror registries in sgdd.diffusion (a test keeps them in sync)
+    "diffusion.schedule": ("cosine", "loglinear"),
+    "diffusion.graph": ("absorbing", "uniform"),
+    "diffusion.noise": ("loglinear", "geometric"),
+    "data.source": ("wiki_sample", "text", "disk", "bookcorpus"),
+    "encoder.backend": ("transformers", "flag"),
+    "encoder.pooling": ("mean", "cls"),
+    "encoder.precision": ("bf16", "fp32"),
+    "training.precision": ("bf16", "fp32"),
+    "sampling.length": ("predict", "max"),
+    "tracking.mode": ("auto", "online", "offline", "disabled"),
+}
+
+# which samplers fit which (process, graph); schedules/noises/graphs are checked against their registries
+SAMPLERS_FOR = {
+    ("masked", None): ("maskgit",),
+    ("score_entropy", "absorbing"): ("euler", "analytic", "maskgit"),
+    ("score_entropy", "uniform"): ("euler", "analytic"),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate_config(cfg: Config, where: str = "config") -> None:
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{where}: {key} = '{value}' is not valid; choose one of: {', '.join(choices)}")
+    d = cfg.diffusion
+    graph = d.graph if d.process == "score_entropy" else None
+    samplers = SAMPLERS_FOR.get((d.process, graph))
+    if samplers is None:
+        raise ConfigError(f"{where}: diffusion.graph = '{d.graph}' is not valid; choose one of: absorbing, uniform")
+    if cfg.sampling.sampler not in samplers:
+        raise ConfigError(
+            f"{where}: sampling.sampler = '{cfg.sampling.sampler}' does not fit diffusion.process = '{d.process}'"
+            + (f" with graph '{graph}'" if graph else "")
+            + f"; valid samplers: {', '.join(samplers)}"
+        )
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "training.batch_size": cfg.training.batch_size,
+        "training.grad_accum": cfg.training.grad_accum,
+        "sampling.steps": cfg.sampling.steps,
+        "sampling.rerank": cfg.sampling.rerank,
+        "sampling.batch_size": cfg.sampling.batch_size,
+        "model.num_layers": cfg.model.num_layers,
+        "model.latent_dim": cfg.model.latent_dim,
+        "encoder.batch_size": cfg.encoder.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where}: {key} must be positive, got {value}")
+    if cfg.data.min_tokens >= cfg.data.max_length:
+        raise ConfigError(f"{where}: data.min_tokens ({cfg.data.min_tokens}) must be below data.max_length")
+    if not 0.0 <= cfg.model.cond_dropout < 1.0:
+        raise ConfigError(f"{where}: model.cond_dropout must be in [0, 1), got {cfg.model.cond_dropout}")
+    if cfg.data.source in ("text", "disk") and not cfg.data.path:
+        raise ConfigError(f"{where}: data.source = '{cfg.data.source}' needs data.path (a file, glob or folder)")
+    if cfg.model.init_from == "scratch" and cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(f"{where}: model.hidden_size must be divisible by model.num_heads")
