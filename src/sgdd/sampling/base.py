@@ -1,0 +1,32 @@
+"""The sampler interface and its registry.
+
+    sampler.sample(model, process, z (B, Dz), lengths (B,) long, cfg_scale, generator=None, callback=None)
+        -> ids (B, L) long, no MASK left; L = lengths.max(); positions >= lengths[i] are PAD.
+
+`model` is the raw decoder callable; the sampler applies classifier-free guidance itself through
+sgdd.sampling.guidance.guided(model, cfg_scale). callback(step: int, x: LongTensor (B, L)) sees every
+intermediate state. Sampling arithmetic runs in float32 (Gumbel noise in float64).
+"""
+
+from __future__ import annotations
+
+from sgdd.registry import Registry
+
+SAMPLERS = Registry("sampling.sampler")
+
+
+class Sampler:
+    def __init__(self, cfg):
+        """cfg: the whole sgdd.config.Config (reads cfg.sampling)."""
+        self.cfg = cfg
+
+    def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None):
+        raise NotImplementedError
+
+
+def build_sampler(cfg) -> Sampler:
+    import sgdd.sampling.analytic  # noqa: F401
+    import sgdd.sampling.euler  # noqa: F401
+    import sgdd.sampling.maskgit  # noqa: F401
+
+    return SAMPLERS.get(cfg.sampling.sampler)(cfg)
