@@ -179,6 +179,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}: '{key}' has the wrong type: got {value!r}, expected {tp}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
         return float(value)

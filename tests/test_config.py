@@ -1,0 +1,110 @@
+"""Config strictness, types, dotted overrides and combination checks."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sgdd.config import config_from_dict, config_to_dict, load_config, save_config
+from sgdd.registry import ConfigError, Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.data.max_length > cfg.data.min_tokens
+
+
+def test_unknown_key_names_key_file_and_valid_keys(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("training:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert "training.max_stepz" in msg and str(p) in msg and "max_steps" in msg
+
+
+def test_unknown_section(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("trainer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'trainer'"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("training.lr=fast", "training.lr"),
+        ("training.max_steps=1.5", "training.max_steps"),
+        ("training.final_eval=maybe", "training.final_eval"),
+        ("data.max_length=[1]", "data.max_length"),
+    ],
+)
+def test_wrong_types_fail(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_overrides_apply_and_parse_yaml_scalars():
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["training.max_steps=200", "model.num_layers=2",
+                                                         "training.lr=1e-3", "tracking.tags=[a,b]"])
+    assert cfg.training.max_steps == 200 and cfg.model.num_layers == 2
+    assert cfg.training.lr == pytest.approx(1e-3) and cfg.tracking.tags == ["a", "b"]
+
+
+def test_int_is_accepted_for_float():
+    cfg = load_config(None, ["training.lr=1"])
+    assert isinstance(cfg.training.lr, float)
+
+
+@pytest.mark.parametrize("bad", ["training.max_steps", "=3", "nosuch.key=1", "training.lr.x=1"])
+def test_malformed_overrides(bad):
+    with pytest.raises(ConfigError):
+        load_config(None, [bad])
+
+
+def test_sampler_must_fit_process():
+    with pytest.raises(ConfigError, match="valid samplers: maskgit"):
+        load_config(None, ["sampling.sampler=euler"])
+    with pytest.raises(ConfigError, match="euler, analytic"):
+        load_config(None, ["diffusion.process=score_entropy", "diffusion.graph=uniform", "sampling.sampler=maskgit"])
+    cfg = load_config(None, ["diffusion.process=score_entropy", "sampling.sampler=analytic"])
+    assert cfg.sampling.sampler == "analytic"
+
+
+def test_bad_choice_lists_choices():
+    with pytest.raises(ConfigError, match="cosine, loglinear"):
+        load_config(None, ["diffusion.schedule=linear"])
+
+
+def test_roundtrip_through_yaml(tmp_path):
+    cfg = load_config(ROOT / "configs/fiction_minilm.yaml", ["model.prefix_tokens=2"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_missing_file_message():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")
+
+
+def test_registry_lists_valid_names():
+    reg = Registry("thing")
+    reg.register("a")(1)
+    reg.register("b")(2)
+    assert reg.get("b") == 2
+    with pytest.raises(ConfigError, match="valid choices: a, b"):
+        reg.get("c")
+    with pytest.raises(KeyError):
+        reg.register("a")(3)
+
+
+def test_config_sections_are_dataclasses():
+    cfg = load_config(None)
+    for f in dataclasses.fields(cfg):
+        assert dataclasses.is_dataclass(getattr(cfg, f.name))
