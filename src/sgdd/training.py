@@ -1,0 +1,543 @@
+"""The training loop: data from the embedding cache, AdamW + warm-up/cosine LR, bf16 autocast, float32 EMA,
+gradient clipping and accumulation, periodic validation through the real sampler, atomic checkpoints,
+exact resume, SIGINT/SIGTERM handling, non-finite-loss guard, and DistributedDataParallel (gloo / nccl).
+
+The diffusion process and the model are separate: `TrainStep` (the module DDP wraps) runs the VIB, hands
+the decoder to `process.loss`, and adds the KL and length-head terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sgdd.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights_into,
+    rotate_step_checkpoints,
+    save_checkpoint,
+)
+from sgdd.config import Config
+from sgdd.generation import autocast_ctx, decode_in_batches
+from sgdd.tracking import Tracker
+
+log = logging.getLogger("sgdd")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and what to try."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small pure pieces
+
+
+def lr_factor(step: int, progress: float, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to `min_ratio` as progress goes 0 -> 1."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def kl_weight_at(step: int, weight: float, warmup_steps: int) -> float:
+    if warmup_steps <= 0:
+        return weight
+    return weight * min(1.0, step / warmup_steps)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, embeddings (and tied output weights)."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in module.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim < 2 or "embed" in name or "null" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class EMA:
+    """Float32 shadow of the parameters (bf16 EMA never moves). decay warms up as min(d, (1+n)/(10+n))."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in module.named_parameters()]
+        self.shadow = [p.detach().float().clone() for p in module.parameters()]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        params = [p.detach().float() for p in module.parameters()]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - d)
+
+    def state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """A full state dict of `module` (buffers included) with EMA parameter values."""
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        named = dict(zip(self.names, self.shadow, strict=True))
+        for k in state:
+            if k in named:
+                state[k] = named[k].clone()
+        return state
+
+    def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for i, n in enumerate(self.names):
+            self.shadow[i].copy_(state[n].float())
+        self.updates = updates
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the module DDP wraps
+
+
+class TrainStep(nn.Module):
+    """(x0, e, uncond) -> (total loss, metrics). Holds the network; receives the process (no parameters)."""
+
+    def __init__(self, net: nn.Module, process, pad_id: int):
+        super().__init__()
+        self.net = net
+        self.process = process
+        self.pad_id = pad_id
+
+    def forward(self, x0: torch.Tensor, e: torch.Tensor, uncond: torch.Tensor, kl_weight: float):
+        z, kl = self.net.vib(e)  # (B, Dz), (B,)
+        loss, metrics = self.process.loss(self.net.decoder, x0, z, uncond)
+        kl_mean = kl.mean()
+        total = loss + kl_weight * kl_mean
+        metrics = dict(metrics)
+        metrics["kl"] = float(kl_mean.detach())
+        head = getattr(self.net, "length_head", None)
+        if head is not None:
+            target = (x0 != self.pad_id).sum(dim=1)  # (B,) tokens incl. EOS
+            # detached: the length head reads z but does not shape it
+            len_logits = head(z.detach().float())
+            len_loss = F.cross_entropy(len_logits, target)
+            total = total + 0.1 * len_loss
+            metrics["len_loss"] = float(len_loss.detach())
+            metrics["len_acc"] = float((len_logits.argmax(-1) == target).float().mean())
+        return total, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distributed helpers
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank if `flag` is true on any rank (one tiny all-reduce)."""
+    if d.world <= 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building
+
+
+def build_net(cfg: Config, vocab_size: int, encoder_dim: int, encoder_ids: list[int] | None, pretrained=None):
+    from sgdd.models import SGDDNet
+
+    return SGDDNet(cfg, vocab_size, encoder_dim, pretrained=pretrained, encoder_ids=encoder_ids)
+
+
+def load_pretrained_for_init(cfg: Config):
+    """The frozen encoder's HF weights, only to initialise the decoder (init_from: encoder)."""
+    if cfg.model.init_from != "encoder":
+        return None
+    from transformers import AutoModel
+
+    from sgdd.encoders import resolve_model_path
+
+    path = resolve_model_path(cfg.encoder.name)
+    model = AutoModel.from_pretrained(str(path))
+    model.eval()
+    return model
+
+
+def sync_model_sizes(cfg: Config, pretrained) -> Config:
+    """With init_from: encoder the decoder's width, heads and MLP size are the encoder's: write them into the
+    resolved config so a checkpoint rebuilds the same architecture without the encoder weights."""
+    if pretrained is None:
+        return cfg
+    hf = pretrained.config
+    model = dataclasses.replace(
+        cfg.model,
+        hidden_size=hf.hidden_size,
+        num_heads=hf.num_attention_heads,
+        mlp_ratio=hf.intermediate_size / hf.hidden_size,
+        num_layers=min(cfg.model.num_layers, hf.num_hidden_layers),
+    )
+    return dataclasses.replace(cfg, model=model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation
+
+
+@torch.no_grad()
+def validation_loss(step_module: TrainStep, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: Config) -> dict:
+    """Mean metrics over fixed validation batches with a fixed masking seed (comparable across evals)."""
+    totals: dict[str, float] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        for x0, e in batches:
+            with autocast_ctx(cfg.training.precision, x0.device):
+                _, metrics = step_module(x0, e, torch.zeros(x0.shape[0], dtype=torch.bool), 0.0)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v
+    return {f"val/{k}": v / max(1, len(batches)) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def reconstruct(net, process, sampler, vocab, emb: torch.Tensor, cfg: Config, seed: int = 0) -> list[str]:
+    """Greedy reconstructions of encoder vectors emb (N, De) with the posterior mean."""
+    net.eval()
+    gen = torch.Generator().manual_seed(seed)
+    z, _ = net.vib(emb)
+    return decode_in_batches(net, process, sampler, vocab, z, cfg, cfg.sampling.batch_size, generator=gen)
+
+
+def bleu(hyps: list[str], refs: list[str]) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(hyps, [refs]).score)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    best_bleu: float
+    last_metrics: dict
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
+
+
+def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
+    """Train per cfg. `log_losses`, when given, receives (step, loss) for every optimizer step (tests)."""
+    from sgdd.data import LengthBucketSampler, make_batch
+    from sgdd.diffusion import build_process
+    from sgdd.embed_cache import prepare
+    from sgdd.sampling import build_sampler
+
+    d = setup_distributed()
+    if cfg.training.threads > 0:
+        torch.set_num_threads(cfg.training.threads)
+    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.training.seed + d.rank)
+    random.seed(cfg.training.seed + d.rank)
+
+    # data: rank 0 builds the caches first, the others then load them
+    if d.main:
+        data = prepare(cfg)
+    barrier(d)
+    if not d.main:
+        data = prepare(cfg)
+    vocab = data.vocab
+
+    run_dir = Path(cfg.training.output_dir) / cfg.training.run_name
+    resume_path = _resume_path(cfg, run_dir)
+    ckpt = load_checkpoint(resume_path, with_train_state=True) if resume_path else None
+
+    pretrained = None if ckpt else load_pretrained_for_init(cfg)
+    cfg = sync_model_sizes(cfg, pretrained)
+    if ckpt:
+        cfg = dataclasses.replace(cfg, model=ckpt.config.model)
+    net = build_net(cfg, len(vocab), data.encoder_dim, vocab.encoder_ids, pretrained).to(device)
+    del pretrained
+    process = build_process(cfg)
+    sampler = build_sampler(cfg)
+    step_module = TrainStep(net, process, vocab.PAD).to(device)
+    ddp_module: nn.Module = step_module
+    if d.world > 1:
+        ddp_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[d.local_rank] if device.type == "cuda" else None
+        )
+
+    tc = cfg.training
+    optimizer = torch.optim.AdamW(param_groups(net, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8)
+    ema = EMA(net, tc.ema_decay)
+    bucket = LengthBucketSampler(
+        [len(t) for t in data.train_tokens],
+        batch_size=tc.batch_size,
+        seed=tc.seed,
+        bucket=cfg.data.bucket_by_length,
+        rank=d.rank,
+        world_size=d.world,
+    )
+    step, elapsed_before, best_bleu = 0, 0.0, -1.0
+    if ckpt is not None:
+        load_weights_into(net, ckpt.model_state, str(ckpt.path))
+        ts = ckpt.train_state
+        optimizer.load_state_dict(ts["optimizer"])
+        ema.load(ckpt.ema_state, ts["ema_updates"])
+        bucket.load_state_dict(ts["sampler"])
+        step, elapsed_before, best_bleu = ts["step"], ts["elapsed"], ts["best_bleu"]
+        if "rng" in ts and d.world == 1:
+            _set_rng_state(ts["rng"])
+        if d.main:
+            log.info("resumed from %s at step %d", ckpt.path, step)
+
+    n_params = sum(p.numel() for p in net.parameters())
+    if d.main:
+        log.info("model: %.1fM parameters, vocabulary %d, encoder dim %d, %d training sentences",
+                 n_params / 1e6, len(vocab), data.encoder_dim, len(data.train_tokens))
+    tracker = Tracker(cfg, enabled=d.main)
+
+    # fixed validation material
+    val_batches = []
+    for i in range(0, min(len(data.valid_tokens), tc.num_eval_batches * tc.batch_size), tc.batch_size):
+        toks = data.valid_tokens[i : i + tc.batch_size]
+        val_batches.append((make_batch(toks, cfg.data.max_length, cfg.data.pad_slack).to(device),
+                            torch.as_tensor(data.valid_emb[i : i + len(toks)], dtype=torch.float32, device=device)))
+    n_rec = min(tc.num_eval_sentences, len(data.valid_sentences))
+    rec_refs = [vocab.decode(vocab.encode(s)) for s in data.valid_sentences[:n_rec]]  # tokenizer round trip
+    rec_emb = torch.as_tensor(data.valid_emb[:n_rec], dtype=torch.float32, device=device)
+    eval_net = copy.deepcopy(net).eval()
+
+    stop = {"signal": None}
+
+    def _on_signal(signum, frame):
+        stop["signal"] = signum
+
+    old_handlers = {}
+    if d.main or d.world == 1:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[s] = signal.signal(s, _on_signal)
+
+    def save(kind: str, metrics: dict | None = None) -> None:
+        if not d.main:
+            return
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "ema_updates": ema.updates,
+            "sampler": bucket.state_dict(),
+            "step": step,
+            "elapsed": elapsed_before + (time.monotonic() - t_start),
+            "best_bleu": best_bleu,
+            "rng": _rng_state(),
+        }
+        meta = {"step": step, "kind": kind, "metrics": metrics or {}, "run_name": tc.run_name}
+        kwargs = dict(config=cfg, model_state=net.state_dict(), ema_state=ema.state_dict(net),
+                      vocab_file=data.vocab_path, meta=meta)
+        if kind == "best":
+            save_checkpoint(run_dir / "best", **kwargs)
+            return
+        save_checkpoint(run_dir / "latest", train_state=state, **kwargs)
+        if kind == "step" and tc.keep_last > 0:
+            save_checkpoint(run_dir / f"step-{step:07d}", train_state=state, **kwargs)
+            rotate_step_checkpoints(run_dir, tc.keep_last)
+
+    def evaluate_now() -> dict:
+        nonlocal best_bleu
+        eval_net.load_state_dict(ema.state_dict(net))
+        eval_net.eval()
+        eval_step = TrainStep(eval_net, process, vocab.PAD)
+        metrics = validation_loss(eval_step, val_batches, cfg)
+        t0 = time.monotonic()
+        hyps = reconstruct(eval_net, process, sampler, vocab, rec_emb, cfg)
+        metrics["val/gen_sentences_per_s"] = len(hyps) / max(1e-9, time.monotonic() - t0)
+        metrics["val/bleu"] = bleu(hyps, rec_refs)
+        metrics["val/exact"] = sum(h == r for h, r in zip(hyps, rec_refs, strict=True)) / max(1, len(hyps))
+        log.info("eval step %d | %s", step, " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()))
+        for src, hyp in list(zip(rec_refs, hyps, strict=True))[:3]:
+            log.info("  in : %s\n  out: %s", src, hyp)
+        if metrics["val/bleu"] > best_bleu:
+            best_bleu = metrics["val/bleu"]
+            metrics["val/best_bleu"] = best_bleu
+            save("best", metrics)
+        return metrics
+
+    budget_s = tc.max_minutes * 60.0
+    t_start = time.monotonic()
+    nonfinite = 0
+    last_metrics: dict = {}
+    window_sent, window_tok, window_t = 0, 0, time.monotonic()
+    batches = iter(bucket)
+    net.train()
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.max_steps, initial=step, disable=not (d.main and sys.stderr.isatty()),
+                   dynamic_ncols=True, desc="train")
+        while True:
+            elapsed = elapsed_before + (time.monotonic() - t_start)
+            done = step >= tc.max_steps or (budget_s > 0 and elapsed >= budget_s) or stop["signal"] is not None
+            if any_rank(done, d):
+                break
+            progress = max(step / tc.max_steps, elapsed / budget_s if budget_s > 0 else 0.0)
+            lr = tc.lr * lr_factor(step, progress, tc.warmup_steps, tc.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            klw = kl_weight_at(step, cfg.model.kl_weight, cfg.model.kl_warmup_steps)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss, step_metrics, ok = 0.0, {}, True
+            for micro in range(tc.grad_accum):
+                idx = next(batches)
+                x0 = make_batch([data.train_tokens[i] for i in idx], cfg.data.max_length, cfg.data.pad_slack).to(device)
+                e = torch.as_tensor(data.train_emb[idx], dtype=torch.float32, device=device)  # (B, De)
+                uncond = torch.rand(x0.shape[0]) < cfg.model.cond_dropout
+                last_micro = micro == tc.grad_accum - 1
+                sync_ctx = ddp_module.no_sync() if (d.world > 1 and not last_micro) else contextlib.nullcontext()
+                with sync_ctx:
+                    with autocast_ctx(tc.precision, device):
+                        loss, metrics = ddp_module(x0, e, uncond.to(device), klw)
+                    # backward even on a non-finite loss so every DDP rank joins the same all-reduce
+                    (loss / tc.grad_accum).backward()
+                ok = ok and bool(torch.isfinite(loss))
+                step_loss += float(loss.detach()) / tc.grad_accum
+                for k, v in metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v / tc.grad_accum
+                window_sent += x0.shape[0]
+                window_tok += x0.numel()
+            clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+            gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            ok = not any_rank(not (ok and bool(torch.isfinite(gnorm))), d)
+            if not ok:
+                nonfinite += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite)
+                if nonfinite >= tc.max_nonfinite:
+                    raise TrainingError(
+                        f"the loss was non-finite for {nonfinite} steps in a row (step {step}); lower training.lr "
+                        f"(now {tc.lr}) or set training.precision=fp32; the last good checkpoint is in {run_dir}/latest"
+                    )
+                continue
+            nonfinite = 0
+            optimizer.step()
+            ema.update(net)
+            step += 1
+            if log_losses is not None:
+                log_losses.append((step, step_loss))
+            bar.update(1)
+
+            if d.main and (step % tc.log_every == 0 or step == 1):
+                now = time.monotonic()
+                dt = max(1e-9, now - window_t)
+                last_metrics = {"train/loss": step_loss, "train/lr": lr, "train/kl_weight": klw,
+                                "train/grad_norm": float(gnorm),
+                                "train/sentences_per_s": window_sent * d.world / dt,
+                                "train/tokens_per_s": window_tok * d.world / dt,
+                                **{f"train/{k}": v for k, v in step_metrics.items()}}
+                window_sent, window_tok, window_t = 0, 0, now
+                elapsed = elapsed_before + (now - t_start)
+                remaining = _eta(step, tc.max_steps, elapsed, budget_s)
+                line = (f"step {step} | loss {step_loss:.4f} | acc {step_metrics.get('acc', float('nan')):.3f} | "
+                        f"kl {step_metrics.get('kl', 0.0):.2f} | lr {lr:.2e} | "
+                        f"{last_metrics['train/sentences_per_s']:.1f} sent/s | "
+                        f"{last_metrics['train/tokens_per_s']:.0f} tok/s | eta {remaining}")
+                bar.set_postfix_str(f"loss {step_loss:.3f} {last_metrics['train/sentences_per_s']:.0f} sent/s")
+                if sys.stderr.isatty():
+                    bar.write(line)
+                else:
+                    log.info(line)
+                tracker.log(last_metrics, step)
+
+            if tc.eval_every > 0 and step % tc.eval_every == 0:
+                if d.main:
+                    metrics = evaluate_now()
+                    tracker.log(metrics, step)
+                    net.train()
+                barrier(d)
+            if tc.save_every > 0 and step % tc.save_every == 0:
+                save("step")
+                barrier(d)
+        bar.close()
+        if stop["signal"] is not None and d.main:
+            log.warning("received signal %d: saving %s/latest and stopping", stop["signal"], run_dir)
+        if d.main and tc.eval_every > 0 and step % tc.eval_every != 0 and stop["signal"] is None:
+            tracker.log(evaluate_now(), step)
+        save("final")
+        barrier(d)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    tracker.summary({"best_bleu": best_bleu, "step": step})
+    tracker.finish()
+    return TrainResult(run_dir, step, best_bleu, last_metrics)
+
+
+def _eta(step: int, max_steps: int, elapsed: float, budget_s: float) -> str:
+    if step == 0:
+        return "?"
+    by_steps = (max_steps - step) * elapsed / step
+    left = min(by_steps, budget_s - elapsed) if budget_s > 0 else by_steps
+    left = max(0.0, left)
+    return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+
+def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
+    r = cfg.training.resume
+    if not r:
+        return None
+    if r == "auto":
+        latest = run_dir / "latest"
+        old = run_dir / "latest.old"
+        return latest if (latest.exists() or old.exists()) else None
+    p = Path(r)
+    if not p.exists():
+        raise CheckpointError(f"training.resume = '{r}': no such checkpoint folder")
+    return p
