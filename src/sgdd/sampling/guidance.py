@@ -1,0 +1,71 @@
+"""Classifier-free guidance as a wrapper around the model.
+
+    guided(model, s)(x_t, t, z, uncond=None, select=None) = out_null + s * (out_cond - out_null)
+
+where out_cond is the model's output with the condition z and out_null its output with the learned null
+condition (uncond=True). s = 1 is the conditional model exactly (the model is called once, output untouched);
+s = 0 is unconditional generation (only the null pass runs); any other s runs the conditional and the null
+pass as ONE forward over a batch of 2B rows and combines them in float32.
+
+The wrapper is generic over what the model returns: logits (MaskGIT on the masked process) or log-scores
+(SEDD). The outputs are expected to be finite; processes that forbid entries (e.g. the MASK logit) set them
+to -inf after guidance, not inside the model, since -inf - (-inf) is undefined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+ModelFn = Callable[..., torch.Tensor]
+
+
+def _twice(v: torch.Tensor | None) -> torch.Tensor | None:
+    """Stack a per-row input on itself along the batch: (B, ...) -> (2B, ...); scalars and None pass through."""
+    if v is None or v.dim() == 0:
+        return v
+    return torch.cat([v, v], dim=0)
+
+
+def combine(cond: torch.Tensor, null: torch.Tensor, scale: float) -> torch.Tensor:
+    """null + scale * (cond - null) in float32 (inputs may be bf16); same shape as the inputs."""
+    return torch.lerp(null.float(), cond.float(), float(scale))
+
+
+def guided(model: ModelFn, scale: float) -> ModelFn:
+    """Wrap `model` (signature of Decoder.forward) into a guided model with the same signature.
+
+    The wrapped call takes x_t (B, L) long, t (B,), z (B, Dz), uncond (B,) bool | None, select (B, L) bool | None
+    and returns what the model returns: (B, L, V), or (N, V) for the N selected positions in row-major order.
+    A caller-given `uncond` applies to the conditional pass (rows already unconditional stay so).
+    """
+    scale = float(scale)
+
+    if scale == 1.0:
+
+        def conditional(x_t, t, z, uncond=None, select=None):
+            return model(x_t, t, z, uncond=uncond, select=select)
+
+        return conditional
+
+    if scale == 0.0:
+
+        def unconditional(x_t, t, z, uncond=None, select=None):
+            B = x_t.shape[0]
+            null = torch.ones(B, dtype=torch.bool, device=x_t.device)
+            return model(x_t, t, z, uncond=null, select=select)
+
+        return unconditional
+
+    def cfg(x_t, t, z, uncond=None, select=None):
+        B = x_t.shape[0]
+        cond_rows = uncond if uncond is not None else torch.zeros(B, dtype=torch.bool, device=x_t.device)
+        null_rows = torch.ones(B, dtype=torch.bool, device=x_t.device)
+        out = model(  # (2B, L, V) or (2N, V): the conditional rows first, the null rows second
+            _twice(x_t), _twice(t), _twice(z), uncond=torch.cat([cond_rows, null_rows]), select=_twice(select)
+        )
+        half = out.shape[0] // 2
+        return combine(out[:half], out[half:], scale)
+
+    return cfg
