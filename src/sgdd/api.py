@@ -1,0 +1,225 @@
+"""The Python API: `from sgdd import SGDD`.
+
+    model = SGDD.from_pretrained("checkpoints/quickstart/best")
+    model.reconstruct(["The cat sat on the mat."])          # -> ["the cat sat on the mat."]
+    model.paraphrase(["The cat sat on the mat."], n=5)       # -> [[five strings]]
+    model.interpolate("A sentence.", "Another one.", n=5)    # -> five strings
+    model.encode(["..."])                                    # -> FloatTensor (N, De), the frozen encoder's vectors
+
+Everything is batched and returns plain strings. The frozen encoder is loaded on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from sgdd.checkpoint import load_checkpoint, load_weights_into, save_checkpoint
+from sgdd.config import Config
+from sgdd.generation import choose_lengths, decode_latents
+from sgdd.registry import ConfigError
+
+log = logging.getLogger("sgdd")
+
+
+class InputError(ConfigError):
+    """Bad user input (empty sentence, undecodable file...): a one-line message, no traceback."""
+
+
+def check_texts(texts: list[str]) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise InputError("no input sentences were given")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InputError(f"input {i + 1} is not a string: {t!r}")
+        if not t.strip():
+            raise InputError(f"input {i + 1} is empty or whitespace only; give a sentence")
+    return [t.strip() for t in texts]
+
+
+class SGDD:
+    def __init__(self, cfg: Config, net, vocab, device: str | torch.device = "cpu", source: Path | None = None):
+        from sgdd.diffusion import build_process
+
+        self.cfg = cfg
+        self.net = net.eval()
+        self.vocab = vocab
+        self.device = torch.device(device)
+        self.process = build_process(cfg)
+        self.source = source
+        self._encoder = None
+
+    # ---------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | None = None, ema: bool = True) -> SGDD:
+        from sgdd.data import Vocab
+        from sgdd.models import SGDDNet
+
+        ckpt = load_checkpoint(path)
+        cfg = ckpt.config
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        encoder_dim = _encoder_dim_from_state(ckpt.model_state)
+        tokenizer = _load_tokenizer(cfg)
+        vocab = Vocab.load(ckpt.vocab_path, tokenizer)
+        net = SGDDNet(cfg, len(vocab), encoder_dim, pretrained=None, encoder_ids=vocab.encoder_ids)
+        load_weights_into(net, ckpt.weights(ema), str(ckpt.path))
+        return cls(cfg, net.to(device), vocab, device, source=ckpt.path)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Weights (as EMA and raw, both the loaded ones), config, vocabulary; no optimizer state."""
+        state = self.net.state_dict()
+        tmp_vocab = Path(path).parent / f".{Path(path).name}.vocab.json"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.vocab.save(tmp_vocab)
+        try:
+            return save_checkpoint(path, config=self.cfg, model_state=state, ema_state=state, vocab_file=tmp_vocab,
+                                   meta={"kind": "export", "source": str(self.source) if self.source else None})
+        finally:
+            tmp_vocab.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------------------------------------- encoder
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from sgdd.encoders import build_encoder
+
+            self._encoder = build_encoder(self.cfg.encoder, device=self.device)
+        return self._encoder
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """(N, De) frozen-encoder vectors, float32."""
+        texts = check_texts(texts)
+        return self.encoder.encode(texts, batch_size=self.cfg.encoder.batch_size).float()
+
+    def _warn_long(self, texts: list[str]) -> None:
+        limit = self.cfg.data.max_length - 1
+        for i, t in enumerate(texts):
+            n = len(self.vocab.encode(t))
+            if n > limit:
+                log.warning("input %d has %d tokens; the model generates at most %d, so its output is truncated",
+                            i + 1, n, limit)
+
+    @torch.no_grad()
+    def latents(self, texts: list[str]) -> torch.Tensor:
+        """Posterior means (N, Dz)."""
+        e = self.encode(texts).to(self.device)
+        mu, _ = self.net.vib.posterior(e)
+        return mu.float()
+
+    # ---------------------------------------------------------------------------------------------- generation
+    def _sampling_cfg(self, **overrides) -> Config:
+        fields = {f.name for f in dataclasses.fields(self.cfg.sampling)}
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(clean) - fields
+        if unknown:
+            raise InputError(f"unknown sampling option(s): {', '.join(sorted(unknown))}; valid: {', '.join(sorted(fields))}")
+        sampling = dataclasses.replace(self.cfg.sampling, **clean)
+        from sgdd.config import validate_config
+
+        cfg = dataclasses.replace(self.cfg, sampling=sampling)
+        validate_config(cfg, "sampling options")
+        return cfg
+
+    def _decode(self, z: torch.Tensor, cfg: Config, seed: int, callback=None, lengths=None) -> list[str]:
+        from sgdd.sampling import build_sampler
+
+        sampler = build_sampler(cfg)
+        gen = torch.Generator().manual_seed(seed)
+        out: list[str] = []
+        bs = cfg.sampling.batch_size
+        for i in range(0, z.shape[0], bs):
+            zl = z[i : i + bs]
+            ln = None if lengths is None else lengths[i : i + bs]
+            out.extend(decode_latents(self.net, self.process, sampler, self.vocab, zl, cfg, generator=gen,
+                                      callback=callback, lengths=ln))
+        return out
+
+    @torch.no_grad()
+    def reconstruct(self, texts: list[str], seed: int = 0, callback=None, **sampling) -> list[str]:
+        """Decode each sentence's posterior mean. sampling: steps, cfg_scale, temperature, top_k, top_p, greedy,
+        rerank, sampler, ... (SamplingConfig fields). rerank K > 1 decodes K candidates per input and keeps the
+        one whose re-encoded vector is closest to the input's."""
+        texts = check_texts(texts)
+        self._warn_long(texts)
+        cfg = self._sampling_cfg(**sampling)
+        e = self.encode(texts).to(self.device)
+        mu, _ = self.net.vib.posterior(e)
+        K = cfg.sampling.rerank
+        if K <= 1:
+            return self._decode(mu, cfg, seed, callback)
+        return self._rerank(texts, e, mu, cfg, K, seed)
+
+    def _rerank(self, texts, e, mu, cfg: Config, K: int, seed: int) -> list[str]:
+        """Candidates: the greedy decode, then decodes at the length head's next most likely lengths with
+        annealed Gumbel confidence noise; the frozen encoder picks the closest."""
+        from sgdd.sampling.rerank import pick_best
+
+        B = mu.shape[0]
+        base_len = choose_lengths(self.net, mu, cfg)  # (B,)
+        with torch.no_grad():
+            top_len = self.net.length_head(mu.float()).topk(K, dim=-1).indices  # (B, K)
+        cands: list[list[str]] = [[] for _ in range(B)]
+        for k in range(K):
+            if k == 0:
+                kcfg, lengths = cfg, base_len
+            else:
+                kcfg = dataclasses.replace(cfg, sampling=dataclasses.replace(
+                    cfg.sampling, gumbel_noise=max(cfg.sampling.gumbel_noise, 1.0)))
+                lengths = (top_len[:, k] + cfg.data.pad_slack).clamp(min=2, max=cfg.data.max_length)
+            outs = self._decode(mu, kcfg, seed + k, lengths=lengths)
+            for i, s in enumerate(outs):
+                cands[i].append(s)
+        chosen, _ = pick_best(cands, e.float().cpu(), lambda xs: self.encoder.encode(xs).float().cpu())
+        return chosen
+
+    @torch.no_grad()
+    def paraphrase(self, texts: list[str], n: int = 5, temperature: float = 1.0, cfg_scale: float | None = None,
+                   seed: int = 0, **sampling) -> list[list[str]]:
+        """n stochastic decodes per input: z drawn from the VIB posterior, tokens sampled at `temperature`."""
+        texts = check_texts(texts)
+        if n < 1:
+            raise InputError(f"n must be at least 1, got {n}")
+        cfg = self._sampling_cfg(temperature=temperature, cfg_scale=cfg_scale, greedy=False, **sampling)
+        e = self.encode(texts).to(self.device)
+        mu, logvar = self.net.vib.posterior(e)
+        gen = torch.Generator().manual_seed(seed)
+        std = (0.5 * logvar.float()).exp()
+        z = mu.repeat_interleave(n, 0) + std.repeat_interleave(n, 0) * torch.randn(
+            mu.shape[0] * n, mu.shape[1], generator=gen).to(mu.device)
+        flat = self._decode(z, cfg, seed)
+        return [flat[i * n : (i + 1) * n] for i in range(len(texts))]
+
+    @torch.no_grad()
+    def interpolate(self, a: str, b: str, n: int = 5, seed: int = 0, **sampling) -> list[str]:
+        """n decodes along the straight line between the two sentences' posterior means (ends included)."""
+        if n < 2:
+            raise InputError(f"n must be at least 2 to interpolate, got {n}")
+        cfg = self._sampling_cfg(**sampling)
+        mu = self.latents([a, b])
+        w = torch.linspace(0, 1, n, device=mu.device).unsqueeze(1)  # (n, 1)
+        z = (1 - w) * mu[0:1] + w * mu[1:2]
+        return self._decode(z, cfg, seed)
+
+
+def _encoder_dim_from_state(state: dict[str, torch.Tensor]) -> int:
+    """The VIB's input width (the encoder dimension), read from its first weight."""
+    for k, v in state.items():
+        if k.startswith("vib.") and k.endswith("weight") and v.ndim == 2:
+            return int(v.shape[1])
+    raise ConfigError("checkpoint weights have no VIB layer: not an SGDD checkpoint")
+
+
+def _load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    from sgdd.encoders import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_path(cfg.encoder.name)))
+
+
+__all__ = ["SGDD", "InputError", "check_texts"]
