@@ -541,3 +541,23 @@ def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
     if not p.exists():
         raise CheckpointError(f"training.resume = '{r}': no such checkpoint folder")
     return p
+
+
+def train_and_report(cfg: Config) -> TrainResult:
+    """train(), then (main process, training.final_eval) evaluate the best checkpoint on held-out sentences
+    through the sampler and print BLEU, chrF, exact match and a few input -> reconstruction pairs."""
+    result = train(cfg)
+    if not cfg.training.final_eval or int(os.environ.get("RANK", "0")) != 0:
+        return result
+    from sgdd.api import SGDD
+    from sgdd.data import load_corpus
+    from sgdd.evaluation import evaluate_reconstruction, print_report
+
+    best = result.run_dir / "best"
+    ckpt_dir = best if best.exists() else result.run_dir / "latest"
+    model = SGDD.from_pretrained(ckpt_dir)
+    valid = load_corpus(model.cfg.data).valid[: cfg.training.final_eval_sentences]
+    report = evaluate_reconstruction(model, valid)
+    print_report(report)
+    log.info("checkpoint: %s", ckpt_dir)
+    return result
