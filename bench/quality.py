@@ -1,0 +1,119 @@
+"""Reconstruction quality per CPU budget: train from scratch for a fixed wall-clock budget, then evaluate the
+final EMA weights on held-out sentences through the sampler (16 MaskGIT steps with CFG, then best-of-K rerank).
+
+    uv run python bench/quality.py --config configs/fiction_minilm.yaml --minutes 60
+
+The embedding cache is built before the clock starts. Prints the metrics, writes JSON to bench/out/ and appends
+a row to bench/RESULTS.md (date, commit, config, budget, metrics, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import append_row, git_commit  # noqa: E402
+
+
+def read_lines(path: Path, n: int) -> list[str]:
+    lines = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                lines.append(line.strip())
+            if len(lines) >= n:
+                break
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--minutes", type=float, default=60.0, help="training wall-clock budget")
+    ap.add_argument("--valid", default=None, help="evaluation sentences (default: the config's valid_path)")
+    ap.add_argument("--num-valid", type=int, default=1000)
+    ap.add_argument("--rerank", type=int, default=8)
+    ap.add_argument("--run-name", default=None)
+    ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    ap.add_argument("--note", default="", help="free text for the RESULTS.md row (what this experiment changes)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    from sgdd.cli import setup_logging
+
+    setup_logging()
+    from sgdd.api import SGDD
+    from sgdd.config import config_to_dict, load_config
+    from sgdd.embed_cache import prepare
+    from sgdd.evaluation import evaluate_reconstruction, print_report
+    from sgdd.training import train
+
+    run_name = args.run_name or f"bench_quality_{time.strftime('%Y%m%d_%H%M%S')}"
+    overrides = [f"training.max_minutes={args.minutes}", f"training.run_name={run_name}", "training.resume=",
+                 "tracking.mode=disabled", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    prepare(cfg)  # cache built (or validated) before the clock starts
+    t0 = time.monotonic()
+    result = train(cfg)
+    train_s = time.monotonic() - t0
+
+    valid_path = Path(args.valid) if args.valid else (ROOT / cfg.data.valid_path if cfg.data.valid_path else None)
+    if valid_path is not None and valid_path.is_file():
+        sentences = read_lines(valid_path, args.num_valid)
+    else:
+        from sgdd.data import load_corpus
+
+        sentences = load_corpus(cfg.data).valid[: args.num_valid]
+    model = SGDD.from_pretrained(result.run_dir / "latest")  # final EMA weights
+    plain = evaluate_reconstruction(model, sentences, steps=16)
+    print_report(plain)
+    reranked = evaluate_reconstruction(model, sentences, steps=16, rerank=args.rerank) if args.rerank > 1 else None
+    if reranked:
+        print_report(reranked)
+
+    train_rate = result.last_metrics.get("train/sentences_per_s", float("nan"))
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "commit": git_commit(),
+        "config": args.config,
+        "overrides": args.overrides,
+        "minutes": args.minutes,
+        "train_seconds": train_s,
+        "steps": result.step,
+        "train_sentences_per_s": train_rate,
+        "plain": plain["metrics"],
+        "rerank": reranked["metrics"] if reranked else None,
+        "resolved_config": config_to_dict(model.cfg),
+        "examples": plain.get("examples", [])[:20],
+        "command": "uv run python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    out_dir = ROOT / "bench" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / f"{run_name}.json"
+    out_path.write_text(json.dumps(out, indent=2, default=str))
+    m, r = plain["metrics"], (reranked or {}).get("metrics", {})
+    row = (f"| {out['date']} | {out['commit']} | {args.config} {' '.join(args.overrides)} | {args.minutes:g} min, "
+           f"{result.step} steps, {train_rate:.1f} sent/s | {m.get('bleu', float('nan')):.2f} | "
+           f"{m.get('chrf', float('nan')):.1f} | {m.get('exact_match', float('nan')):.3f} | "
+           f"{m.get('cosine', float('nan')):.3f} | {m.get('token_f1', float('nan')):.3f} | "
+           f"{r.get('bleu', float('nan')):.2f} | {args.note} | `{out['command']}` |\n")
+    results = Path(args.results)
+    if not results.exists():
+        results.write_text("# Benchmark results\n\n")
+    header = ("| date | commit | config | budget | BLEU | chrF | exact | cosine | token F1 | BLEU rerank | note "
+              "| command |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    append_row(results, "## Quality (bench/quality.py)", header, row)
+    print(f"wrote {out_path} and a row in {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
