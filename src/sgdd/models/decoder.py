@@ -1,0 +1,254 @@
+"""The conditioned denoiser: (x_t, t, z) -> logits of the clean tokens.
+
+    c = MLP(timestep_embedding(t)) + MLP(z')                     (B, D)   z' = z_null where uncond
+    h = LN_emb(tok_emb[x_t] + pos_emb[:L])                       (B, L, D)  (+ P prefix tokens from z')
+    h = block_k(h, c, rope) for each block                       AdaLN-Zero modulated by c
+    logits = FinalLayer(h, c)[select]                            (B, L, V) or (N, V)
+
+Two initialisations (cfg.init_from):
+- "scratch": DiT blocks of cfg.hidden_size / num_heads / mlp_ratio.
+- "encoder": the frozen encoder's own transformer (BERT / XLM-R layout): its token embeddings (rows picked by
+  the decoder vocabulary's encoder_ids), absolute positions, embedding LayerNorm and first num_layers layers,
+  as PretrainedBlocks. With the modulation zeroed (as at init) and positions == "learned", the hidden states
+  before the final layer are exactly the encoder's hidden states for the same token ids. `pretrained` may be
+  the transformers model (weights copied), its config (architecture only) or None (architecture from the
+  cfg sizes, BERT defaults for LayerNorm eps and activation) when a checkpoint will supply the weights.
+
+Positions: "learned" (absolute table), "rope" (rotary on q/k), or "both"; an all-[MASK] input still gives
+different outputs at different positions. Logits are computed only at `select`ed positions when given: with
+a 20-30k vocabulary the output product is most of the compute. Raw logits, no knowledge of schedules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sgdd.config import ModelConfig
+from sgdd.models.layers import DiTBlock, FinalLayer, PretrainedBlock, rope_tables, timestep_embedding
+from sgdd.registry import ConfigError
+
+FREQ_DIM = 256  # sinusoidal timestep features before the MLP
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Sizes of the transformer stack (from the config, or from the pretrained model's config)."""
+
+    kind: str  # "dit" | "pretrained"
+    dim: int
+    num_heads: int
+    mlp_hidden: int
+    eps: float = 1e-12
+    act: str = "gelu"
+
+
+def _is_hf_model(obj) -> bool:
+    return hasattr(getattr(obj, "base_model", obj), "embeddings")
+
+
+def resolve_arch(cfg: ModelConfig, pretrained=None) -> Arch:
+    if cfg.init_from == "scratch":
+        return Arch("dit", cfg.hidden_size, cfg.num_heads, int(round(cfg.hidden_size * cfg.mlp_ratio)))
+    if pretrained is None:  # weights come from a checkpoint; sizes were written into cfg at training time
+        return Arch("pretrained", cfg.hidden_size, cfg.num_heads, int(round(cfg.hidden_size * cfg.mlp_ratio)))
+    hf = pretrained.config if _is_hf_model(pretrained) else pretrained
+    if getattr(hf, "position_embedding_type", "absolute") != "absolute":
+        raise ConfigError(
+            f"model.init_from=encoder: position_embedding_type '{hf.position_embedding_type}' is not supported "
+            "(BERT / XLM-R absolute positions only); use model.init_from=scratch"
+        )
+    if cfg.num_layers > hf.num_hidden_layers:
+        raise ConfigError(
+            f"model.num_layers = {cfg.num_layers} but the encoder has only {hf.num_hidden_layers} layers"
+        )
+    return Arch(
+        "pretrained",
+        hf.hidden_size,
+        hf.num_attention_heads,
+        hf.intermediate_size,
+        float(hf.layer_norm_eps),
+        hf.hidden_act if isinstance(hf.hidden_act, str) else "gelu",
+    )
+
+
+class Decoder(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        max_length: int,
+        pretrained=None,
+        encoder_ids: list[int] | None = None,
+    ):
+        super().__init__()
+        arch = resolve_arch(cfg, pretrained)
+        if cfg.positions == "rope" and cfg.prefix_tokens == 0:
+            # rotations only reweight attention; over identical [MASK] values every position gets the same output
+            raise ConfigError(
+                "model.positions = rope needs model.prefix_tokens > 0: with RoPE alone an all-[MASK] input gives "
+                "every position the same output; use positions = learned or both"
+            )
+        D = arch.dim
+        self.arch = arch
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.latent_dim = cfg.latent_dim
+        self.num_prefix = cfg.prefix_tokens
+        self.tie_embeddings = cfg.tie_embeddings
+
+        # conditioning c = time MLP + latent MLP; z_null is the classifier-free-guidance null latent
+        self.t_embed = nn.Sequential(nn.Linear(FREQ_DIM, D), nn.SiLU(), nn.Linear(D, D))
+        self.z_embed = nn.Sequential(nn.Linear(cfg.latent_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.z_null = nn.Parameter(torch.zeros(cfg.latent_dim))
+
+        self.tok_emb = nn.Embedding(vocab_size, D)
+        learned = cfg.positions in ("learned", "both")
+        self.pos_emb = nn.Parameter(torch.zeros(max_length, D)) if learned else None
+        if self.num_prefix > 0:
+            self.prefix_proj = nn.Linear(cfg.latent_dim, self.num_prefix * D)
+            self.prefix_pos = nn.Parameter(torch.zeros(self.num_prefix, D))
+        self.emb_norm = nn.LayerNorm(D, eps=arch.eps) if arch.kind == "pretrained" else nn.Identity()
+        self.emb_drop = nn.Dropout(cfg.dropout)
+
+        if cfg.positions in ("rope", "both"):
+            cos, sin = rope_tables(self.num_prefix + max_length, D // arch.num_heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+
+        if arch.kind == "dit":
+            self.blocks = nn.ModuleList(
+                DiTBlock(D, arch.num_heads, arch.mlp_hidden, D, cfg.dropout) for _ in range(cfg.num_layers)
+            )
+        else:
+            self.blocks = nn.ModuleList(
+                PretrainedBlock(D, arch.num_heads, arch.mlp_hidden, D, cfg.dropout, arch.eps, arch.act)
+                for _ in range(cfg.num_layers)
+            )
+        self.final = FinalLayer(D, D, vocab_size, cfg.tie_embeddings, arch.act, arch.eps)
+
+        self.initialize_weights(pretrained if _is_hf_model(pretrained) else None, encoder_ids)
+
+    # -----------------------------------------------------------------------------------------------------
+    # init
+
+    @torch.no_grad()
+    def initialize_weights(self, pretrained=None, encoder_ids: list[int] | None = None) -> None:
+        """All initialisation: generic init, zeroed AdaLN modulation and output bias, then (when given) the
+        pretrained encoder's weights."""
+
+        def basic(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(basic)
+        for m in (*self.t_embed, *self.z_embed):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.z_null)  # a prior-like sample; learned
+        if self.pos_emb is not None:
+            nn.init.normal_(self.pos_emb, std=0.02)
+        if self.num_prefix > 0:
+            nn.init.normal_(self.prefix_pos, std=0.02)
+        for module in (*self.blocks, self.final):
+            nn.init.zeros_(module.adaLN_modulation[-1].weight)
+            nn.init.zeros_(module.adaLN_modulation[-1].bias)
+        if self.tie_embeddings:
+            nn.init.zeros_(self.final.bias)
+        else:
+            nn.init.zeros_(self.final.linear.weight)
+            nn.init.zeros_(self.final.linear.bias)
+        if pretrained is not None:
+            self._copy_pretrained(pretrained, encoder_ids)
+
+    def _copy_pretrained(self, pretrained, encoder_ids: list[int] | None) -> None:
+        base = getattr(pretrained, "base_model", pretrained)
+        emb = base.embeddings
+        if encoder_ids is None or len(encoder_ids) != self.vocab_size:
+            n = None if encoder_ids is None else len(encoder_ids)
+            raise ValueError(
+                f"pretrained init needs encoder_ids for all {self.vocab_size} decoder ids, got {n}"
+            )
+        table = emb.word_embeddings.weight  # (V_enc, D)
+        ids = torch.as_tensor(encoder_ids, dtype=torch.long)
+        if int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]:
+            raise ValueError(f"encoder_ids out of range for an encoder vocabulary of {table.shape[0]}")
+        rows = table[ids].float()
+        type_emb = getattr(emb, "token_type_embeddings", None)
+        if type_emb is not None:
+            # the encoder adds token type 0 everywhere; folded into the token rows (softmax-invariant when tied)
+            rows = rows + type_emb.weight[0].float()
+        self.tok_emb.weight.copy_(rows)
+        if self.pos_emb is not None:
+            # XLM-R-style embeddings count positions from padding_idx + 1
+            offset = emb.padding_idx + 1 if hasattr(emb, "create_position_ids_from_input_ids") else 0
+            pos = emb.position_embeddings.weight
+            if offset + self.max_length > pos.shape[0]:
+                raise ConfigError(
+                    f"data.max_length = {self.max_length} exceeds the encoder's {pos.shape[0] - offset} positions"
+                )
+            self.pos_emb.copy_(pos[offset : offset + self.max_length].float())
+        self.emb_norm.load_state_dict(emb.LayerNorm.state_dict())
+        for block, layer in zip(self.blocks, base.encoder.layer, strict=False):
+            block.load_hf_layer(layer)
+
+    # -----------------------------------------------------------------------------------------------------
+    # forward
+
+    def condition(
+        self, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (B,), z (B, Dz), uncond (B,) bool -> c (B, D), the effective latent z' (B, Dz)."""
+        if uncond is not None:
+            z = torch.where(uncond[:, None], self.z_null.to(z.dtype).expand_as(z), z)
+        c = self.t_embed(timestep_embedding(t, FREQ_DIM)) + self.z_embed(z)
+        return c, z
+
+    def hidden(
+        self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states after the last block (B, L, D), prefix dropped, and the condition c (B, D)."""
+        B, L = x_t.shape
+        if L > self.max_length:
+            raise ValueError(f"sequence length {L} exceeds the decoder's max_length {self.max_length}")
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        c, z = self.condition(t, z, uncond)
+        h = self.tok_emb(x_t)  # (B, L, D)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb[:L]
+        P = self.num_prefix
+        if P > 0:
+            prefix = self.prefix_proj(z).view(B, P, -1) + self.prefix_pos  # (B, P, D)
+            h = torch.cat([prefix.to(h.dtype), h], dim=1)  # (B, P + L, D)
+        h = self.emb_drop(self.emb_norm(h))
+        rope = None
+        if self.rope_cos is not None:
+            rope = (self.rope_cos[: P + L], self.rope_sin[: P + L])
+        for block in self.blocks:
+            h = block(h, c, rope)
+        return h[:, P:], c
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        z: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x_t (B, L) long, t (B,) in [0, 1], z (B, Dz), uncond (B,) bool, select (B, L) bool ->
+        logits (B, L, V), or (N, V) for the N selected positions in row-major order."""
+        h, c = self.hidden(x_t, t, z, uncond)
+        return self.final(h, c, select, self.tok_emb.weight if self.tie_embeddings else None)

