@@ -1,0 +1,152 @@
+"""The masked (absorbing-state) diffusion process and its loss (MDLM-style), registered as "masked".
+
+Forward corruption: every position of x_0, padding and EOS included (the model must learn where a sentence
+ends), is independently replaced by [MASK] with probability 1 - alpha(t), t drawn per sequence.
+
+Loss, with m_i the masked positions of sequence i and L the padded length:
+
+    elbo:    mean_i  weight(t_i) * sum_{l in m_i} CE(logits_il, x0_il) / L      (per-token NLL bound)
+    uniform: mean over all masked tokens of CE
+
+t is drawn stratified over the batch (one uniform offset, B evenly spaced strata in [eps, 1]) for a
+lower-variance estimate. The model is asked for logits at the masked positions only ((N, V), never
+(B, L, V)); cross-entropy runs in float32; the [MASK] class is excluded (x_0 never contains it).
+
+What the model sees as its time input: the time whose keep probability equals the realised fraction of
+unmasked positions of x_t, t' = inverse(1 - n_masked / L). Samplers know exactly that fraction and pass it
+to `clean_logits`, so training and sampling condition on the same quantity. The ELBO weight uses the drawn t.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sgdd.diffusion.base import PROCESSES, ModelFn, Process
+from sgdd.diffusion.schedules import build_schedule
+
+PAD_ID = 0  # decoder vocabulary specials (plan.md, sgdd.data.Vocab)
+MASK_ID = 1
+
+
+def stratified_times(
+    B: int, eps: float, device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B,) times in [eps, 1]: one uniform offset shared by B evenly spaced strata."""
+    u = torch.rand(1, device=device, generator=generator)
+    u = (u + torch.arange(B, device=device, dtype=torch.float32) / B) % 1.0
+    return eps + (1.0 - eps) * u
+
+
+def exclude_class(logits: torch.Tensor, index: int) -> torch.Tensor:
+    """float32 copy of logits (N, V) with class `index` at -inf."""
+    bias = torch.zeros(logits.shape[-1], device=logits.device)
+    bias[index] = float("-inf")
+    return logits.float() + bias
+
+
+@PROCESSES.register("masked")
+class MaskedProcess(Process):
+    def __init__(self, cfg):
+        """cfg: the whole sgdd.config.Config (reads cfg.diffusion)."""
+        d = cfg.diffusion
+        self.schedule = build_schedule(d.schedule)
+        self.eps = float(d.eps)
+        self.weighting = d.loss_weighting
+        if self.weighting not in ("elbo", "uniform"):
+            raise ValueError(f"diffusion.loss_weighting must be elbo or uniform, got {self.weighting}")
+        self.mask_id = MASK_ID
+        self.pad_id = PAD_ID
+
+    # -----------------------------------------------------------------------------------------------------
+    # pieces
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's time input for diffusion time t (the identity here)."""
+        return t
+
+    def time_of_mask_ratio(self, mask_ratio: torch.Tensor) -> torch.Tensor:
+        """Fraction of masked positions (B,) -> the time whose keep probability is 1 - mask_ratio."""
+        return self.schedule.inverse(1.0 - mask_ratio.float())
+
+    def corrupt(
+        self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 (B, L), t (B,) -> x_t (B, L) with each position masked w.p. 1 - alpha(t), and the mask (B, L)."""
+        p = self.schedule.mask_prob(t.float())  # (B,)
+        masked = torch.rand(x0.shape, device=x0.device, generator=generator) < p[:, None]
+        return x0.masked_fill(masked, self.mask_id), masked
+
+    def _terms(self, model: ModelFn, x0, z, uncond, t, generator=None):
+        """One corruption at times t and the per-token cross-entropies at the masked positions."""
+        B, L = x0.shape
+        x_t, masked = self.corrupt(x0, t, generator)
+        n_masked = masked.sum(dim=1)  # (B,)
+        t_model = self.model_time(self.time_of_mask_ratio(n_masked.float() / L))
+        logits = model(x_t, t_model, z, uncond=uncond, select=masked)  # (N, V), N = masked.sum()
+        logits = exclude_class(logits, self.mask_id)
+        target = x0[masked]  # (N,)
+        ce = F.cross_entropy(logits, target, reduction="none")  # (N,) float32
+        row = torch.arange(B, device=x0.device).repeat_interleave(n_masked)  # (N,) sequence of each row
+        ce_sum = torch.zeros(B, device=x0.device, dtype=ce.dtype).index_add(0, row, ce)  # (B,)
+        nll = self.schedule.weight(t.float()) * ce_sum / L  # (B,) per-token ELBO term
+        return logits, target, ce, nll, masked
+
+    # -----------------------------------------------------------------------------------------------------
+    # the Process interface
+
+    def loss(
+        self, model: ModelFn, x0: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        B, L = x0.shape
+        t = stratified_times(B, self.eps, x0.device)
+        logits, target, ce, nll, masked = self._terms(model, x0, z, uncond, t)
+        N = ce.shape[0]
+        if self.weighting == "elbo":
+            loss = nll.mean()
+        elif N > 0:
+            loss = ce.mean()
+        else:  # nothing masked in the whole batch: a zero that still reaches the graph
+            loss = logits.sum() * 0.0
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == target).float().mean() if N > 0 else torch.tensor(float("nan"))
+            metrics = {
+                "loss": float(loss.detach()),
+                "acc": float(acc),
+                "ce": float(ce.mean()) if N > 0 else float("nan"),
+                "nll": float(nll.mean()),
+                "mask_frac": float(masked.float().mean()),
+            }
+        return loss, metrics
+
+    def clean_logits(
+        self,
+        model: ModelFn,
+        x_t: torch.Tensor,
+        mask_ratio: torch.Tensor,
+        z: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of p(x_0 | x_t), float32, [MASK] excluded; (B, L, V) or (N, V) at the selected positions."""
+        t = self.model_time(self.time_of_mask_ratio(mask_ratio.to(x_t.device)))
+        return exclude_class(model(x_t, t, z, uncond=uncond, select=select), self.mask_id)
+
+    @torch.no_grad()
+    def nll(
+        self,
+        model: ModelFn,
+        x0: torch.Tensor,
+        z: torch.Tensor,
+        num_t: int = 8,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Deterministic per-token NLL bound (B,): the ELBO integral over t by the midpoint rule on num_t
+        points of [eps, 1], masks drawn from a seeded generator. num_t model calls."""
+        B, _ = x0.shape
+        gen = torch.Generator(device=x0.device).manual_seed(seed)
+        total = torch.zeros(B, device=x0.device)
+        for k in range(num_t):
+            t = torch.full((B,), self.eps + (1.0 - self.eps) * (k + 0.5) / num_t, device=x0.device)
+            total += self._terms(model, x0, z, None, t, gen)[3]
+        return total * (1.0 - self.eps) / num_t

@@ -1,0 +1,241 @@
+"""Schedules and the masked diffusion process: corruption statistics, loss semantics, clean logits."""
+
+import dataclasses
+import math
+import time
+
+import pytest
+import torch
+
+import sgdd.diffusion.masked  # noqa: F401  (registers "masked")
+import sgdd.diffusion.schedules  # noqa: F401
+from sgdd.config import Config, ModelConfig
+from sgdd.diffusion.base import PROCESSES, SCHEDULES
+from sgdd.diffusion.masked import MASK_ID, MaskedProcess, stratified_times
+from sgdd.diffusion.schedules import build_schedule
+
+V = 12
+
+
+def make_process(schedule="cosine", weighting="elbo", eps=1e-3) -> MaskedProcess:
+    cfg = Config()
+    cfg.diffusion = dataclasses.replace(cfg.diffusion, schedule=schedule, loss_weighting=weighting, eps=eps)
+    return PROCESSES.get("masked")(cfg)
+
+
+class TableModel(torch.nn.Module):
+    """Logits from a learnable (B, L, V) table, ignoring x_t; records what it was called with."""
+
+    def __init__(self, B, L, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(B, L, V, generator=g))
+        self.calls = []
+
+    def forward(self, x_t, t, z, uncond=None, select=None):
+        self.calls.append((x_t.clone(), t.clone(), None if select is None else select.clone()))
+        return self.table if select is None else self.table[select]
+
+
+def clean_batch(B=6, L=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(3, V, (B, L), generator=g)
+    x0[:, 6] = 2  # EOS
+    x0[:, 7:] = 0  # PAD
+    return x0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# schedules
+
+
+@pytest.mark.parametrize("name", ["cosine", "loglinear"])
+def test_schedule_endpoints_inverse_and_weight(name):
+    s = build_schedule(name)
+    assert float(s.alpha(torch.tensor(0.0))) == pytest.approx(1.0)
+    assert float(s.alpha(torch.tensor(1.0))) == pytest.approx(0.0, abs=1e-6)
+    t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64).requires_grad_(True)
+    alpha = s.alpha(t)
+    (dalpha,) = torch.autograd.grad(alpha.sum(), t)
+    assert torch.allclose(s.inverse(alpha.detach()), t.detach(), atol=1e-6)
+    w = s.weight(t.detach())
+    assert (w > 0).all()
+    assert torch.allclose(w, -dalpha / (1 - alpha.detach()), rtol=1e-5)
+    # finite, large near t = 0
+    w0 = s.weight(torch.tensor([0.0, 1e-6]))
+    assert torch.isfinite(w0).all() and (w0 > 1e3).all()
+
+
+def test_registries_hold_the_configured_names():
+    assert {"cosine", "loglinear"} <= set(SCHEDULES.names())
+    assert PROCESSES.get("masked") is MaskedProcess
+    assert make_process().mask_id == MASK_ID == 1
+
+
+def test_stratified_times_cover_every_stratum():
+    t = stratified_times(8, 0.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.sort((t * 8).floor()).values, torch.arange(8.0))
+    t = stratified_times(64, 1e-3)
+    assert t.min() >= 1e-3 and t.max() <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# corruption
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "loglinear"])
+def test_masking_ratio_matches_the_schedule(schedule):
+    p = make_process(schedule)
+    x0 = torch.randint(0, V, (4, 20000))
+    t = torch.tensor([0.1, 0.4, 0.7, 0.95])
+    x_t, masked = p.corrupt(x0, t, torch.Generator().manual_seed(0))
+    expected = 1 - p.schedule.alpha(t)
+    # binomial std at n = 20000 is below 0.0036
+    assert torch.allclose(masked.float().mean(1), expected, atol=0.015)
+    assert torch.equal(x_t[masked], torch.full_like(x_t[masked], MASK_ID))
+    assert torch.equal(x_t[~masked], x0[~masked])
+
+
+def test_padding_and_eos_are_masked_and_predicted():
+    p = make_process()
+    x0 = clean_batch(B=64)
+    model = TableModel(64, 9)
+    p.loss(model, x0, torch.zeros(64, 4))
+    x_t, _, select = model.calls[0]
+    assert select[:, 7:].any() and select[:, 6].any()  # PAD and EOS positions get masked
+    assert torch.equal(select, x_t == MASK_ID)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loss
+
+
+@pytest.mark.parametrize("weighting", ["elbo", "uniform"])
+def test_loss_ignores_unmasked_positions(weighting):
+    p = make_process(weighting=weighting)
+    x0 = clean_batch()
+    model = TableModel(*x0.shape)
+    torch.manual_seed(5)
+    loss, _ = p.loss(model, x0, torch.zeros(6, 4))
+    loss.backward()
+    select = model.calls[0][2]
+    grad_rows = model.table.grad.abs().sum(-1) > 0  # (B, L)
+    assert not grad_rows[~select].any()
+    assert grad_rows[select].all()
+    # changing logits at unmasked positions does not change the loss
+    with torch.no_grad():
+        model.table[~select] = torch.randn_like(model.table[~select]) * 10
+    torch.manual_seed(5)
+    loss2, _ = p.loss(model, x0, torch.zeros(6, 4))
+    assert torch.equal(loss, loss2)
+
+
+def test_elbo_and_uniform_losses_match_their_formulas():
+    x0 = clean_batch()
+    B, L = x0.shape
+    for weighting in ("elbo", "uniform"):
+        p = make_process(weighting=weighting)
+        model = TableModel(B, L)
+        torch.manual_seed(11)
+        loss, metrics = p.loss(model, x0, torch.zeros(B, 4))
+        torch.manual_seed(11)
+        t = stratified_times(B, p.eps)
+        masked = torch.rand(B, L) < (1 - p.schedule.alpha(t))[:, None]
+        logp = torch.log_softmax(model.table.detach().index_fill(-1, torch.tensor([MASK_ID]), -1e9), -1)
+        ce = -logp.gather(-1, x0[..., None])[..., 0] * masked  # (B, L)
+        if weighting == "elbo":
+            expected = (p.schedule.weight(t) * ce.sum(1) / L).mean()
+        else:
+            expected = ce.sum() / masked.sum()
+        assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+        assert metrics["ce"] == pytest.approx(float(ce.sum() / masked.sum()), rel=1e-5)
+        assert metrics["nll"] == pytest.approx(float((p.schedule.weight(t) * ce.sum(1) / L).mean()), rel=1e-5)
+        assert 0 <= metrics["acc"] <= 1 and metrics["mask_frac"] == pytest.approx(
+            float(masked.float().mean())
+        )
+
+
+def test_model_time_is_the_time_of_the_realised_mask_ratio():
+    p = make_process()
+    x0 = clean_batch()
+    model = TableModel(*x0.shape)
+    p.loss(model, x0, torch.zeros(6, 4))
+    x_t, t, select = model.calls[0]
+    ratio = select.float().mean(1)
+    assert torch.allclose(t, p.schedule.inverse(1 - ratio))
+
+
+def test_no_masked_position_gives_a_finite_loss_with_a_graph():
+    for weighting in ("elbo", "uniform"):
+        p = make_process(weighting=weighting, eps=1e-7)
+        p.schedule.mask_prob = lambda t: torch.zeros_like(t)  # nothing is ever masked
+        x0 = clean_batch()
+        model = TableModel(*x0.shape)
+        loss, metrics = p.loss(model, x0, torch.zeros(6, 4))
+        assert float(loss) == 0.0 and math.isfinite(metrics["nll"])
+        loss.backward()
+
+
+def test_clean_logits_maps_the_mask_ratio_to_time_and_excludes_mask():
+    p = make_process()
+    x0 = clean_batch(B=2)
+    model = TableModel(2, 9)
+    ratio = torch.tensor([1.0, 0.25])
+    select = torch.zeros(2, 9, dtype=torch.bool)
+    select[0, :3] = True
+    out = p.clean_logits(model, x0, ratio, torch.zeros(2, 4), select=select)
+    assert out.shape == (3, V) and out.dtype == torch.float32
+    assert torch.isinf(out[:, MASK_ID]).all()
+    assert torch.allclose(model.calls[0][1], torch.tensor([1.0, p.schedule.inverse(torch.tensor(0.75))]))
+
+
+def test_nll_estimate_is_deterministic_and_positive():
+    p = make_process()
+    x0 = clean_batch()
+    model = TableModel(*x0.shape)
+    a = p.nll(model, x0, torch.zeros(6, 4), num_t=4)
+    b = p.nll(model, x0, torch.zeros(6, 4), num_t=4)
+    assert a.shape == (6,) and torch.equal(a, b) and (a > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end: a tiny decoder memorises a few sentences from their latents
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on 2 shared cores: a second OpenMP thread mostly waits for a descheduled peer."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_decoder_overfits_a_handful_of_sequences(one_thread):
+    from sgdd.models import Decoder
+
+    torch.manual_seed(0)
+    B, L, Dz, Vocab = 8, 10, 8, 30
+    x0 = torch.randint(3, Vocab, (B, L))
+    lengths = torch.randint(5, L, (B,))
+    pos = torch.arange(L)[None]
+    x0 = torch.where(pos < lengths[:, None], x0, torch.zeros_like(x0))
+    x0[torch.arange(B), lengths] = 2
+    z = torch.randn(B, Dz)
+    cfg = ModelConfig(init_from="scratch", num_layers=2, hidden_size=64, num_heads=4, latent_dim=Dz)
+    dec = Decoder(cfg, Vocab, L)
+    p = make_process()
+    opt = torch.optim.AdamW(dec.parameters(), lr=1e-2, weight_decay=0.0)
+    start = time.monotonic()
+    for _ in range(250):
+        loss, _ = p.loss(dec, x0, z)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # one-shot greedy reconstruction from all [MASK]
+    dec.eval()
+    with torch.no_grad():
+        x_t = torch.full((B, L), MASK_ID)
+        pred = p.clean_logits(dec, x_t, torch.ones(B), z).argmax(-1)
+    acc = (pred == x0).float().mean()
+    assert acc > 0.95, f"token accuracy {acc:.3f} after {time.monotonic() - start:.1f}s"
