@@ -178,6 +178,31 @@ def test_bookcorpus_without_hub_fails_fast_naming_offline_configs(monkeypatch, b
     assert "unreachable" in msg and "configs/quickstart.yaml" in msg and "configs/fiction_minilm.yaml" in msg
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bookcorpus_path_through_datasets(monkeypatch, bundled_tokenizer, streaming):
+    """The hub path end to end, with datasets.load_dataset answered locally (no hub on this machine)."""
+    import datasets
+
+    import sgdd.encoders
+
+    rows = [f"the hub sentence number {i} , as bookcorpus writes it ." for i in range(60)]
+    calls = []
+
+    def fake_load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        ds = datasets.Dataset.from_dict({"text": rows})
+        return ds.to_iterable_dataset() if streaming else ds
+
+    monkeypatch.setattr(sgdd.encoders, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = DataConfig(source="bookcorpus", streaming=streaming, valid_size=10, max_sentences=30)
+    corpus = load_corpus(cfg, bundled_tokenizer)
+    assert calls == [("bookcorpus", "train", streaming)]
+    assert len(corpus.valid) == 10 and len(corpus.train) == 30
+    assert set(corpus.train + corpus.valid) <= set(rows)
+    assert load_corpus(cfg, bundled_tokenizer).valid == corpus.valid  # seeded, also when streaming
+
+
 def test_load_corpus_takes_the_whole_config(tmp_path):
     path = numbered_corpus(tmp_path / "c.txt", 40)
     cfg = load_config(None, ["data.source=text", f"data.path={path}", "data.valid_size=5"])
