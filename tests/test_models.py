@@ -7,7 +7,7 @@ import torch
 
 from sgdd.config import Config, ModelConfig
 from sgdd.models import VIB, Decoder, LengthHead, SGDDNet, gaussian_kl, modulate, timestep_embedding
-from sgdd.models.layers import DiTBlock, PretrainedBlock, apply_rope, rope_tables
+from sgdd.models.layers import DiTBlock, PretrainedBlock, apply_rope, attention, rope_tables
 from sgdd.registry import ConfigError
 
 V, L, DZ = 40, 10, 8
@@ -68,6 +68,12 @@ def test_rope_preserves_norm_and_relative_positions():
     assert torch.allclose(
         (qs[..., 1, :] * ks[..., 3, :]).sum(), (qs[..., 2, :] * ks[..., 4, :]).sum(), atol=1e-5
     )
+
+
+def test_cpu_attention_equals_sdpa():
+    q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(attention(q, k, v), ref, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------

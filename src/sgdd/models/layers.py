@@ -9,7 +9,7 @@ Two block types share one conditioning interface, `block(x (B, L, D), c (B, Dc),
   same six modulation vectors, arranged so that zeroed modulation leaves it exactly the pretrained layer:
   the branch inputs are modulated (x * (1 + scale) + shift) and the branch outputs scaled by (1 + gate).
 
-Attention is bidirectional and unmasked: every position, padding included, attends to all (padding is a
+Attention is bidirectional and unmasked (`attention`: scaled_dot_product_attention, explicit on CPU): every position, padding included, attends to all (padding is a
 prediction target, not something to hide). Parameters stay float32; autocast does the casting.
 """
 
@@ -64,6 +64,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Unmasked softmax(q k^T / sqrt(hd)) v for q, k, v (B, H, L, hd).
+
+    scaled_dot_product_attention everywhere except on CPU, where the explicit product is used: for the short
+    sequences trained here (L <= 128) the CPU flash kernel under bf16 autocast measured about 8x slower
+    (forward + backward, B=64, H=12, L=32, hd=32: 87 ms vs 11 ms on one core); the (B, H, L, L) scores are small.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, H, L, L)
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -86,7 +102,7 @@ def activation(name: str):
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head self-attention, fused qkv projection, scaled_dot_product_attention, no mask."""
+    """Bidirectional multi-head self-attention with a fused qkv projection and no mask."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -106,7 +122,7 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, L, hd)
+        out = attention(q, k, v, p)  # (B, H, L, hd)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
