@@ -1,0 +1,188 @@
+"""Reverse-time samplers for the score-entropy (SEDD) process: the shared loop and the Euler step.
+
+The loop (ScoreSampler) runs K = sampling.steps model evaluations on the time grid
+t_0 = 1 > t_1 > ... > t_{K-1} = eps (linear in t; the model is fed t, see sgdd.diffusion.score_entropy):
+
+  start   x ~ the graph's limit (all MASK for absorbing, uniform over the states for uniform) on the first
+          lengths[i] positions of each row, PAD beyond (never touched);
+  k < K   one reverse step t_{k-1} -> t_k of the subclass (Euler here, Tweedie in sgdd.sampling.analytic);
+  k = K   the final denoising step: the Tweedie step from sigma_bar(eps) to 0 with MASK excluded, so no MASK
+          is left (absorbing) and a clean token is chosen at every position.
+
+Each step evaluates the classifier-free-guided model (sgdd.sampling.guidance.guided, one forward of 2B rows)
+only at the positions that can move (masked ones for absorbing, the first lengths[i] for uniform) and turns
+its output into log-scores with process.log_scores. Guidance therefore combines raw outputs: for the uniform
+graph those are the log-scores themselves; for the absorbing graph the guided logits are renormalised
+(log p_guided(x0 | x_t) = log_softmax(l_null + s (l_cond - l_null))) before the -log(e^sigma_bar - 1) shift, which
+keeps the unmasking rate that of the noise schedule. s = 1 is the conditional model exactly.
+
+Per position the step gives unnormalised probabilities q (V,) of the next token (q[x] = stay). Sampling:
+greedy: false, temperature 1 draws from q (Gumbel-max in float64). Otherwise the move/stay decision is drawn
+with probability 1 - q[x] / sum q, and the destination is the argmax (greedy) or a draw from q^(1/T) over
+y != x; the final step takes argmax q (greedy) or a draw from q^(1/T). top_k / top_p are MaskGIT options and
+are not used here. callback(k, x) sees the state after every step k = 1..K.
+
+Euler step (t -> t - dt): q_y = dt sigma(t) Q[y, x] s_y for y != x, q_x = 1 - sum_{y != x} q_y (clamped >= 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sgdd.diffusion.score_entropy import PAD_ID, Graph, ScoreEntropyProcess, one_hot
+from sgdd.registry import ConfigError
+from sgdd.sampling.base import SAMPLERS, Sampler
+from sgdd.sampling.guidance import guided
+
+ROW_CHUNK_ELEMENTS = 1 << 23  # rows x V handled at once after the forward (the uniform graph moves every row)
+
+
+def gumbel_argmax(log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A draw per row from softmax(log_probs) (..., V) by the Gumbel-max trick in float64 -> (...) long."""
+    u = torch.rand(log_probs.shape, dtype=torch.float64, device=log_probs.device, generator=generator)
+    gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(torch.float64).tiny)))
+    return (log_probs.double() + gumbel).argmax(dim=-1)
+
+
+def choose_next(
+    probs: torch.Tensor,
+    x: torch.Tensor,
+    greedy: bool,
+    temperature: float = 1.0,
+    final: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token per row from unnormalised transition probabilities probs (N, V) >= 0 at current tokens x (N,).
+
+    Exact draw when greedy is False and temperature is 1; otherwise see the module docstring (the move/stay
+    decision keeps its probability, only the destination is sharpened). final: choose among all entries.
+    """
+    if final and greedy:
+        return probs.argmax(dim=-1)
+    log_p = probs.double().clamp(min=0).log()  # (N, V) float64
+    if final:
+        return gumbel_argmax(log_p / temperature, generator)
+    if not greedy and temperature == 1.0:
+        return gumbel_argmax(log_p, generator)
+    probs = probs.double().clamp(min=0)
+    total = probs.sum(dim=-1)  # (N,)
+    stay = probs.gather(-1, x[:, None]).squeeze(-1)
+    move_log_p = log_p.scatter_(-1, x[:, None], float("-inf"))
+    can_move = torch.isfinite(move_log_p).any(dim=-1)
+    p_move = torch.where(total > 0, 1.0 - stay / total.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+    dest = move_log_p.argmax(dim=-1) if greedy else gumbel_argmax(move_log_p / temperature, generator)
+    return torch.where((u < p_move) & can_move, dest, x)
+
+
+class ScoreSampler(Sampler):
+    """The reverse-time loop shared by the Euler and analytic samplers; subclasses define step_probs."""
+
+    name = "score"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        s = cfg.sampling
+        if s.steps < 1:
+            raise ConfigError(f"sampling.steps must be >= 1, got {s.steps}")
+        if not s.greedy and s.temperature <= 0:
+            raise ConfigError(
+                f"sampling.temperature must be > 0 when sampling (greedy: false), got {s.temperature}"
+            )
+
+    def step_probs(
+        self,
+        process: ScoreEntropyProcess,
+        graph: Graph,
+        x: torch.Tensor,
+        log_score: torch.Tensor,
+        t: float,
+        t_next: float,
+    ) -> torch.Tensor:
+        """x (N,) current tokens, log_score (N, V) float32 at time t -> unnormalised q (N, V) at t_next."""
+        raise NotImplementedError
+
+    def _movable(self, graph: Graph, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: positions whose token can still change (masked for absorbing, every valid one else)."""
+        if graph.absorbing_id is not None:
+            return x == graph.absorbing_id
+        return valid
+
+    def _log_scores(self, model, process, x, sel, t, z) -> torch.Tensor:
+        B = x.shape[0]
+        t_vec = torch.full((B,), float(t), device=x.device)
+        return process.log_scores(model, x, t_vec, z, select=sel)  # (N, V) float32
+
+    @torch.inference_mode()
+    def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None):
+        """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = lengths.max(); see sgdd.sampling.base."""
+        if not isinstance(process, ScoreEntropyProcess):
+            raise ConfigError(
+                f"the {self.name} sampler needs diffusion.process = score_entropy, got {type(process).__name__}; "
+                "use sampling.sampler = maskgit for the masked process"
+            )
+        s = self.cfg.sampling
+        K = s.steps
+        device = z.device
+        B = z.shape[0]
+        lengths = lengths.to(device=device, dtype=torch.long)
+        if lengths.shape != (B,) or int(lengths.min()) < 1:
+            raise ValueError(f"lengths must be (B,) = ({B},) positive integers, got {tuple(lengths.shape)}")
+        L = int(lengths.max())
+        pad_id = getattr(process, "pad_id", PAD_ID)
+        valid = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (B, L)
+
+        probe = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+        graph = process.graph(process.resolve_vocab_size(model, probe, z))
+        step_model = guided(model, cfg_scale)
+
+        x = graph.sample_limit((B, L), device=device, generator=generator)
+        x = torch.where(valid, x, pad_id)
+        t_min = max(process.eps, 1.0e-5)  # the final step needs sigma_bar(t_min) > 0
+        ts = torch.linspace(1.0, t_min, K, dtype=torch.float64).tolist()
+
+        for k in range(1, K + 1):
+            sel = self._movable(graph, x, valid)
+            if bool(sel.any()):
+                x_rows = x[sel]  # (N,)
+                log_score = self._log_scores(step_model, process, x, sel, ts[k - 1], z)  # (N, V)
+                new = torch.empty_like(x_rows)
+                chunk = max(
+                    1, ROW_CHUNK_ELEMENTS // log_score.shape[-1]
+                )  # bounds the (rows, V) float64 temporaries
+                for i in range(0, x_rows.shape[0], chunk):
+                    rows, ls = x_rows[i : i + chunk], log_score[i : i + chunk]
+                    if k < K:
+                        probs = self.step_probs(process, graph, rows, ls, ts[k - 1], ts[k])
+                    else:
+                        probs = final_probs(process, graph, rows, ls, ts[k - 1])
+                    new[i : i + chunk] = choose_next(probs, rows, s.greedy, s.temperature, k == K, generator)
+                x = x.masked_scatter(sel, new)
+            if callback is not None:
+                callback(k, x)
+        return x
+
+
+def final_probs(
+    process: ScoreEntropyProcess, graph: Graph, x: torch.Tensor, log_score: torch.Tensor, t: float
+):
+    """The denoising step t -> 0: Tweedie probabilities with dsigma = sigma_bar(t), MASK excluded. (N, V)."""
+    sigma = process.noise.total(torch.tensor(float(t), dtype=torch.float64)).float()
+    probs = graph.tweedie_probs(x, log_score, sigma.to(log_score.device).expand(x.shape))
+    if graph.absorbing_id is not None:
+        probs[..., graph.absorbing_id] = 0.0
+    return probs
+
+
+@SAMPLERS.register("euler")
+class EulerSampler(ScoreSampler):
+    """First-order (Euler / tau-leaping on the reverse rates) sampler; see the module docstring."""
+
+    name = "euler"
+
+    def step_probs(self, process, graph, x, log_score, t, t_next):
+        dt = float(t) - float(t_next)
+        rate = process.noise.rate(torch.tensor(float(t), dtype=torch.float64)).item()
+        score = log_score.exp()
+        probs = one_hot(x, score.shape[-1], score.dtype) + (dt * rate) * graph.reverse_rate(x, score)
+        return probs.clamp(min=0.0)
