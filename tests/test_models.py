@@ -306,3 +306,28 @@ def test_sgddnet_from_minilm(minilm):
     emb = minilm.embeddings
     row = net.decoder.tok_emb.weight[0] - emb.token_type_embeddings.weight[0]
     assert torch.allclose(row, emb.word_embeddings.weight[3000], atol=1e-6)
+
+
+def test_xlm_roberta_layout_is_copied_exactly():
+    """BGE-M3 is XLM-R: positions start at padding_idx + 1, LayerNorm eps 1e-5. A tiny random one stands in."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.XLMRobertaConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        pad_token_id=1,
+        type_vocab_size=1,
+    )
+    torch.manual_seed(0)
+    hf = transformers.XLMRobertaModel(hf_cfg).eval()
+    ids = list(range(2, 2 + V))  # no encoder pad id among the inputs: HF then numbers positions 2, 3, ...
+    dec = Decoder(ModelConfig(init_from="encoder", num_layers=2, latent_dim=DZ), V, L, hf, ids).eval()
+    assert dec.arch.eps == hf_cfg.layer_norm_eps and dec.arch.dim == 32
+    x, t, z = inputs()
+    with torch.no_grad():
+        h, _ = dec.hidden(x, t, z)
+        ref = hf(input_ids=torch.tensor(ids)[x]).last_hidden_state
+    assert torch.allclose(h, ref, atol=1e-5)
