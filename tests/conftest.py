@@ -59,3 +59,59 @@ def eltec_dir() -> Path:
     if not (p / "train.txt").is_file():
         pytest.skip(f"development corpus not found at {p} (set SGDD_SHARED_DATA)")
     return p
+
+
+def tiny_train_overrides(root: Path, sentences: list[str], **extra) -> list[str]:
+    """Dotted overrides for a seconds-long CPU training run on `sentences` (written to root/corpus.txt):
+    a 2-layer 64-d decoder from scratch, short sequences, caches and checkpoints under root."""
+    corpus = root / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    base = {
+        "data.source": "text",
+        "data.path": str(corpus),
+        "data.valid_size": 8,
+        "data.max_length": 40,
+        "data.cache_dir": str(root / "cache"),
+        "encoder.precision": "fp32",
+        "model.init_from": "scratch",
+        "model.hidden_size": 64,
+        "model.num_heads": 4,
+        "model.num_layers": 2,
+        "model.latent_dim": 32,
+        "model.kl_warmup_steps": 0,
+        "training.output_dir": str(root / "checkpoints"),
+        "training.run_name": "tiny",
+        "training.batch_size": 8,
+        "training.max_steps": 6,
+        "training.max_minutes": 0,
+        "training.warmup_steps": 2,
+        "training.lr": 1e-3,
+        "training.log_every": 1,
+        "training.eval_every": 0,
+        "training.save_every": 3,
+        "training.keep_last": 3,
+        "training.num_eval_sentences": 4,
+        "training.num_eval_batches": 1,
+        "training.final_eval": False,
+        "training.precision": "fp32",
+        "sampling.steps": 4,
+        "sampling.batch_size": 8,
+        "tracking.mode": "disabled",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, real_sentences) -> Path:
+    """A tiny trained checkpoint (seconds of training; output quality is not the point) for CLI / API tests."""
+    from sgdd.config import load_config
+    from sgdd.training import train
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    cfg = load_config(None, tiny_train_overrides(root, real_sentences[:64], **{"training.max_steps": 20,
+                                                                               "training.eval_every": 10,
+                                                                               "training.save_every": 10}))
+    result = train(cfg)
+    return result.run_dir / "latest"

@@ -21,7 +21,7 @@ def setup_logging() -> None:
         stream=sys.stdout,
     )
     # quiet the libraries' own chatter about offline mode and unused weights
-    for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):
+    for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock", "gensim", "smart_open"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

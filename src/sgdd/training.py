@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -318,7 +319,9 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         )
 
     tc = cfg.training
-    optimizer = torch.optim.AdamW(param_groups(net, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8)
+    # fused AdamW: one kernel for all parameters instead of a Python loop over them
+    optimizer = torch.optim.AdamW(param_groups(net, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8,
+                                  fused=True)
     ema = EMA(net, tc.ema_decay)
     bucket = LengthBucketSampler(
         [len(t) for t in data.train_tokens],
@@ -352,10 +355,10 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     for i in range(0, min(len(data.valid_tokens), tc.num_eval_batches * tc.batch_size), tc.batch_size):
         toks = data.valid_tokens[i : i + tc.batch_size]
         val_batches.append((make_batch(toks, cfg.data.max_length, cfg.data.pad_slack).to(device),
-                            torch.as_tensor(data.valid_emb[i : i + len(toks)], dtype=torch.float32, device=device)))
+                            torch.tensor(np.asarray(data.valid_emb[i : i + len(toks)]), dtype=torch.float32, device=device)))
     n_rec = min(tc.num_eval_sentences, len(data.valid_sentences))
     rec_refs = [vocab.decode(vocab.encode(s)) for s in data.valid_sentences[:n_rec]]  # tokenizer round trip
-    rec_emb = torch.as_tensor(data.valid_emb[:n_rec], dtype=torch.float32, device=device)
+    rec_emb = torch.tensor(np.asarray(data.valid_emb[:n_rec]), dtype=torch.float32, device=device)
     eval_net = copy.deepcopy(net).eval()
 
     stop = {"signal": None}
@@ -416,7 +419,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     nonfinite = 0
     last_metrics: dict = {}
     window_sent, window_tok, window_t = 0, 0, time.monotonic()
-    batches = iter(bucket)
+    batches = _forever(bucket)
     net.train()
     try:
         from tqdm import tqdm
@@ -518,6 +521,12 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     tracker.summary({"best_bleu": best_bleu, "step": step})
     tracker.finish()
     return TrainResult(run_dir, step, best_bleu, last_metrics)
+
+
+def _forever(bucket):
+    """Endless index batches: epoch after epoch (the sampler's own state says where we are)."""
+    while True:
+        yield from bucket
 
 
 def _eta(step: int, max_steps: int, elapsed: float, budget_s: float) -> str:

@@ -1,0 +1,139 @@
+"""The training loop on tiny CPU configs: it runs and checkpoints, resumes exactly, stops cleanly on a signal,
+guards against non-finite losses, and trains under DDP with 2 CPU processes."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_train_overrides
+
+from sgdd.checkpoint import load_checkpoint
+from sgdd.config import load_config
+from sgdd.training import EMA, TrainingError, kl_weight_at, lr_factor, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lr_factor_warmup_then_cosine():
+    assert lr_factor(0, 0.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 0.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 0.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(50, 0.5, 10, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert kl_weight_at(5, 1.0, 10) == pytest.approx(0.5) and kl_weight_at(50, 1.0, 10) == 1.0
+
+
+def test_ema_is_float32_and_moves_under_bf16_params():
+    m = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    ema = EMA(m, decay=0.999)
+    assert all(s.dtype == torch.float32 for s in ema.shadow)
+    before = [s.clone() for s in ema.shadow]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    for _ in range(5):
+        ema.update(m)
+    assert all(not torch.equal(a, b) for a, b in zip(before, ema.shadow, strict=True))
+
+
+def test_train_runs_and_checkpoints(tmp_path, real_sentences):
+    losses: list = []
+    cfg = load_config(None, tiny_train_overrides(tmp_path, real_sentences[:48]))
+    result = train(cfg, log_losses=losses)
+    assert result.step == 6 and [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(v) for _, v in losses)
+    ck = load_checkpoint(result.run_dir / "latest", with_train_state=True)
+    assert ck.meta["step"] == 6 and ck.train_state["step"] == 6 and ck.ema_state is not None
+    assert ck.config.model.hidden_size == 64
+    assert (result.run_dir / "step-0000003").is_dir() and (result.run_dir / "step-0000006").is_dir()
+
+
+def test_resume_continues_with_identical_losses(tmp_path, real_sentences):
+    full: list = []
+    (tmp_path / "a").mkdir()
+    cfg = load_config(None, tiny_train_overrides(tmp_path / "a", real_sentences[:48]))
+    run = train(cfg, log_losses=full).run_dir
+    resumed: list = []
+    cfg_b = load_config(None, tiny_train_overrides(tmp_path / "a", real_sentences[:48], **{
+        "training.resume": str(run / "step-0000003"), "training.run_name": "resumed"}))
+    result = train(cfg_b, log_losses=resumed)
+    assert result.step == 6
+    assert [s for s, _ in resumed] == [4, 5, 6]
+    for (s1, l1), (s2, l2) in zip(full[3:], resumed, strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5, abs=1e-6), (s1, l1, l2)
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, real_sentences):
+    (tmp_path / "r").mkdir()
+    cfg = load_config(None, tiny_train_overrides(tmp_path / "r", real_sentences[:48], **{
+        "training.resume": "auto", "training.max_steps": 2}))
+    assert train(cfg).step == 2
+    cfg2 = load_config(None, tiny_train_overrides(tmp_path / "r", real_sentences[:48], **{
+        "training.resume": "auto", "training.max_steps": 4}))
+    losses: list = []
+    assert train(cfg2, log_losses=losses).step == 4
+    assert [s for s, _ in losses] == [3, 4]
+
+
+class _SignalAt(list):
+    """A log_losses sink that sends SIGTERM to this process when step `at` is logged."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def append(self, item):
+        super().append(item)
+        if item[0] == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_latest_and_stops(tmp_path, real_sentences):
+    (tmp_path / "s").mkdir()
+    cfg = load_config(None, tiny_train_overrides(tmp_path / "s", real_sentences[:48], **{
+        "training.max_steps": 50, "training.save_every": 0}))
+    result = train(cfg, log_losses=_SignalAt(2))
+    assert result.step == 2
+    assert load_checkpoint(result.run_dir / "latest", with_train_state=True).train_state["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored (not ours)
+
+
+def test_nonfinite_loss_aborts_with_message(tmp_path, real_sentences, monkeypatch):
+    from sgdd.diffusion.masked import MaskedProcess
+
+    original = MaskedProcess.loss
+
+    def nan_loss(self, model, x0, z, uncond=None):
+        loss, metrics = original(self, model, x0, z, uncond)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(MaskedProcess, "loss", nan_loss)
+    (tmp_path / "n").mkdir()
+    cfg = load_config(None, tiny_train_overrides(tmp_path / "n", real_sentences[:48], **{
+        "training.max_nonfinite": 3, "training.max_steps": 20}))
+    with pytest.raises(TrainingError, match="non-finite for 3 steps"):
+        train(cfg)
+
+
+def test_ddp_two_cpu_processes(tmp_path, real_sentences):
+    (tmp_path / "d").mkdir()
+    overrides = tiny_train_overrides(tmp_path / "d", real_sentences[:48], **{"training.max_steps": 3,
+                                                                              "training.save_every": 0})
+    # build the cache in this process first so the two ranks only read it
+    from sgdd.embed_cache import prepare
+
+    prepare(load_config(None, overrides), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "src" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ck = load_checkpoint(tmp_path / "d" / "checkpoints" / "tiny" / "latest", with_train_state=True)
+    assert ck.meta["step"] == 3
