@@ -1,0 +1,800 @@
+"""Throughput benchmarks: matmul peak, training speed and MFU, sampling speed, embedding-cache build rate.
+
+    uv run python bench/speed.py --config configs/fiction_minilm.yaml [--checkpoint DIR] [--quick]
+
+Each part runs in its own subprocess (`bench/speed.py --part NAME ...`, printing one JSON line) so its peak
+RSS is its own:
+
+- peak    the machine's matmul peak in this run: torch.mm of n x n matrices (2048, 4096) in bf16 and fp32, a few
+          warm-up and timed repetitions, GFLOP/s, at torch.get_num_threads() threads.
+- train   one subprocess per precision (bf16 autocast, fp32). The config's SGDDNet built as training builds it
+          (load_pretrained_for_init + sync_model_sizes + build_net), TrainStep forward + backward, gradient
+          clipping, AdamW step and float32 EMA update, at the config's batch size. Data: the real vocabulary,
+          token lists and embeddings from prepare(cfg) when the embedding cache is already built; else the
+          corpus' vocabulary and token lists with random unit vectors for e; else (no corpus) a synthetic
+          20,000-id vocabulary and sentence lengths drawn like the fiction corpus' (mean about 24 tokens).
+          A few fixed batches from LengthBucketSampler are reused: each is run once under FlopCounterMode
+          (forward + backward, seeded) to count its model FLOPs, then the timed steps cycle through the same
+          batches with the same seeds, so the FLOPs of every timed step are known exactly. Warm-up steps are
+          not timed; batch building is not timed. Reports sentences/s, tokens/s (positions processed,
+          padding included), FLOPs per step, achieved GFLOP/s; the orchestrator divides by the bf16 peak (MFU).
+- sample  sentences/s of the model (the trained checkpoint's EMA weights with --checkpoint, else a freshly
+          initialised net) for MaskGIT, and for the score-entropy Euler and analytic samplers (the same network:
+          the decoder does not know the process; an untrained net is fine for speed), at 4/8/16/32 steps, with
+          CFG (scale 1.5, one batch of 2B per forward) and without (1.0), batch 1 and 64, through
+          generation.decode_latents (sampler under the training precision's autocast + detokenisation).
+          z is the posterior mean of real held-out sentences' encoder vectors; lengths come from the length
+          head with a checkpoint, else from the sentences' true token counts + EOS + data.pad_slack (what a
+          perfect length head gives). End-to-end: encode + sample + detokenise for a batch of 64 sentences at
+          16 steps with CFG, through the SGDD API's encoder.
+- cache   the embedding cache build rate: N sentences (default 2000) of the config's corpus encoded by
+          embed_cache.load_or_build_embeddings into a temporary cache folder (the cache's own code path:
+          length-sorted batches, bf16 autocast per encoder.precision, chunked writes and checksums);
+          sentences/s excludes loading the encoder (reported separately); peak RSS.
+
+The orchestrator prints a table, writes the JSON (bench/out/, or next to --results with --quick) and appends a
+row to bench/RESULTS.md under "## Speed (bench/speed.py)". `--quick` shrinks every part for the smoke test
+(small matmuls, batch 4, few steps and repetitions, 16 cache sentences); combine it with `--set key=value`
+config overrides for a tiny model and `--results PATH` for a scratch results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import append_row, git_commit, peak_rss_mb  # noqa: E402
+
+SECTION = "## Speed (bench/speed.py)"
+PARTS = ("peak", "train", "sample", "cache")
+SAMPLERS = ("maskgit", "euler", "analytic")
+HEADLINE_STEPS = 16
+CFG_SCALE = 1.5
+SYNTHETIC_VOCAB = 20_000
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each part does (full run vs --quick)."""
+
+    mm_sizes: tuple[int, ...] = (2048, 4096)
+    mm_warmup: int = 2
+    mm_reps: int = 5
+    train_batches: int = 4  # distinct batches, FLOP-counted once each
+    train_warmup: int = 3
+    train_steps: int = 16  # timed optimizer steps (cycling through the batches)
+    train_batch_size: int = 0  # 0 = the config's training.batch_size
+    sample_steps: tuple[int, ...] = (4, 8, 16, 32)
+    sample_batches: tuple[int, ...] = (1, 64)
+    sample_min_seconds: float = 3.0  # repeat a sampling setting until this much time has been measured
+    sample_max_reps: int = 64
+    e2e_batch: int = 64
+    cache_sentences: int = 2000
+
+
+QUICK = Sizes(
+    mm_sizes=(512,),
+    mm_warmup=1,
+    mm_reps=2,
+    train_batches=1,
+    train_warmup=1,
+    train_steps=2,
+    train_batch_size=4,
+    sample_steps=(4, 16),
+    sample_batches=(1, 4),
+    sample_min_seconds=0.0,
+    sample_max_reps=1,
+    e2e_batch=4,
+    cache_sentences=16,
+)
+
+
+def say(msg: str) -> None:
+    print(f"[speed] {msg}", file=sys.stderr, flush=True)
+
+
+def sizes_for(args: argparse.Namespace) -> Sizes:
+    s = QUICK if args.quick else Sizes()
+    if args.steps:
+        s = dataclasses.replace(s, sample_steps=tuple(int(x) for x in args.steps.split(",")))
+    if args.sample_batches:
+        s = dataclasses.replace(s, sample_batches=tuple(int(x) for x in args.sample_batches.split(",")))
+    if args.cache_sentences:
+        s = dataclasses.replace(s, cache_sentences=args.cache_sentences)
+    return s
+
+
+def load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
+    from sgdd.config import load_config
+
+    cfg = load_config(args.config, [*(args.set or []), *(extra or [])])
+    import torch
+
+    if cfg.training.threads > 0:
+        torch.set_num_threads(cfg.training.threads)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data for the train and sample parts
+
+
+@dataclass
+class Material:
+    """Vocabulary, token lists and (optionally) encoder vectors to benchmark with. emb None = random vectors."""
+
+    source: str  # cache | corpus | synthetic
+    vocab: Any  # sgdd.data.Vocab
+    encoder_dim: int
+    tokens: list[list[int]]  # training sentences as decoder ids, no EOS
+    emb: Any  # (N, De) float32 memmap aligned with tokens, or None
+    held_out: list[str]  # held-out sentences (for z and end-to-end); decoded synthetic ones without a corpus
+
+
+def _cache_complete(cfg, sentences: list[str]) -> bool:
+    from sgdd.embed_cache import cache_key, cache_key_fields, check_cache
+
+    fields = cache_key_fields(cfg, sentences)
+    key = cache_key(fields)
+    folder = Path(cfg.data.cache_dir) / key
+    return folder.is_dir() and check_cache(folder, key, fields, complete=True)[0] is not None
+
+
+def _encoder_dim(cfg) -> int:
+    from transformers import AutoConfig
+
+    from sgdd.encoders import resolve_model_path
+
+    return int(AutoConfig.from_pretrained(resolve_model_path(cfg.encoder.name)).hidden_size)
+
+
+def synthetic_lengths(n: int, cfg, seed: int = 0) -> list[int]:
+    """Token counts shaped like the fiction corpus (gamma, mean 24, median 21, 90th percentile 44)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.gamma(shape=2.5, scale=9.6, size=n).round().astype(int)
+    return np.clip(lengths, cfg.data.min_tokens, cfg.data.max_length - 1).tolist()
+
+
+def load_material(cfg, num_synthetic: int = 4096) -> Material:
+    """Real data when the embedding cache is built (never builds it), else the corpus, else synthetic."""
+    import numpy as np
+
+    from sgdd.data import Vocab, load_corpus
+    from sgdd.encoders import load_tokenizer
+    from sgdd.registry import ConfigError
+
+    tokenizer = load_tokenizer(cfg.encoder)
+    try:
+        corpus = load_corpus(cfg, tokenizer=tokenizer)
+    except (ConfigError, OSError) as exc:
+        say(f"corpus unavailable ({exc}); using a synthetic {SYNTHETIC_VOCAB}-id vocabulary")
+        corpus = None
+    if corpus is not None and _cache_complete(cfg, corpus.train) and _cache_complete(cfg, corpus.valid):
+        from sgdd.embed_cache import prepare
+
+        data = prepare(cfg, progress=False, log=say)
+        return Material(
+            "cache", data.vocab, data.encoder_dim, data.train_tokens, data.train_emb, data.valid_sentences
+        )
+    if corpus is not None:
+        say("embedding cache not built: corpus vocabulary and token lists, random unit vectors for e")
+        vocab = Vocab.build(corpus.train_ids, tokenizer, prune=cfg.data.prune_vocab)
+        tokens = [vocab.map_encoder_ids(ids) for ids in corpus.train_ids]
+        return Material("corpus", vocab, _encoder_dim(cfg), tokens, None, corpus.valid or corpus.train)
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in special][: SYNTHETIC_VOCAB - 3]
+    vocab = Vocab(Vocab.special_encoder_ids(tokenizer) + ids, tokenizer)
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(3, len(vocab), size=n).tolist() for n in synthetic_lengths(num_synthetic, cfg)]
+    held_out = [vocab.decode(t) for t in tokens[:256]]
+    return Material("synthetic", vocab, _encoder_dim(cfg), tokens, None, held_out)
+
+
+def batch_vectors(material: Material, idx: list[int], seed: int):
+    import torch
+
+    if material.emb is not None:
+        return torch.as_tensor(material.emb[idx], dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    e = torch.randn(len(idx), material.encoder_dim, generator=gen)
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
+def build_fresh_net(cfg, material: Material):
+    """SGDDNet initialised exactly as training initialises it; returns (cfg with synced sizes, net)."""
+    from sgdd.training import build_net, load_pretrained_for_init, sync_model_sizes
+
+    pretrained = load_pretrained_for_init(cfg)
+    cfg = sync_model_sizes(cfg, pretrained)
+    net = build_net(cfg, len(material.vocab), material.encoder_dim, material.vocab.encoder_ids, pretrained)
+    del pretrained
+    return cfg, net
+
+
+# ---------------------------------------------------------------------------------------------------------
+# part: peak
+
+
+def part_peak(args: argparse.Namespace, sizes: Sizes) -> dict:
+    import torch
+
+    load_cfg(args)  # applies training.threads
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "gflops": {}}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for n in sizes.mm_sizes:
+            a = torch.randn(n, n).to(dtype)
+            b = torch.randn(n, n).to(dtype)
+            for _ in range(sizes.mm_warmup):
+                torch.mm(a, b)
+            t0 = time.perf_counter()
+            for _ in range(sizes.mm_reps):
+                torch.mm(a, b)
+            dt = (time.perf_counter() - t0) / sizes.mm_reps
+            gflops = 2.0 * n**3 / dt / 1e9
+            out["gflops"][f"{name}_{n}"] = gflops
+            say(f"peak: {name} {n}x{n}: {gflops:.1f} GFLOP/s")
+        out[f"peak_{name}_gflops"] = max(out["gflops"][f"{name}_{n}"] for n in sizes.mm_sizes)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# part: train
+
+
+def part_train(args: argparse.Namespace, sizes: Sizes) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sgdd.data import LengthBucketSampler, make_batch
+    from sgdd.diffusion import build_process
+    from sgdd.generation import autocast_ctx
+    from sgdd.training import EMA, TrainStep, param_groups
+
+    extra = [f"training.precision={args.precision}"]
+    if sizes.train_batch_size:
+        extra.append(f"training.batch_size={sizes.train_batch_size}")
+    cfg = load_cfg(args, extra)
+    torch.manual_seed(cfg.training.seed)
+    material = load_material(cfg)
+    cfg, net = build_fresh_net(cfg, material)
+    process = build_process(cfg)
+    tc = cfg.training
+    step_module = TrainStep(net, process, material.vocab.PAD)
+    # as training.train builds it (fused AdamW)
+    optimizer = torch.optim.AdamW(
+        param_groups(net, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8, fused=True
+    )
+    ema = EMA(net, tc.ema_decay)
+    net.train()
+
+    bucket = LengthBucketSampler(
+        [len(t) for t in material.tokens],
+        batch_size=tc.batch_size,
+        seed=tc.seed,
+        bucket=cfg.data.bucket_by_length,
+    )
+    batches = []
+    for j, idx in zip(range(sizes.train_batches), iter(bucket), strict=False):
+        idx = list(idx)
+        x0 = make_batch([material.tokens[i] for i in idx], cfg.data.max_length, cfg.data.pad_slack)  # (B, L)
+        batches.append((x0, batch_vectors(material, idx, seed=j)))
+    klw = cfg.model.kl_weight
+    clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+
+    def forward_backward(j: int) -> None:
+        x0, e = batches[j]
+        torch.manual_seed(10_000 + j)  # same masks and noise whenever batch j is run
+        uncond = torch.rand(x0.shape[0]) < cfg.model.cond_dropout
+        with autocast_ctx(tc.precision):
+            loss, _ = step_module(x0, e, uncond, klw)
+        loss.backward()
+
+    def full_step(j: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward(j)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        optimizer.step()
+        ema.update(net)
+
+    flops = []
+    for j in range(len(batches)):
+        with FlopCounterMode(display=False) as counter:
+            forward_backward(j)
+        flops.append(int(counter.get_total_flops()))
+        optimizer.zero_grad(set_to_none=True)
+    for i in range(sizes.train_warmup):
+        full_step(i % len(batches))
+
+    times, total_flops, sentences, positions = [], 0, 0, 0
+    for i in range(sizes.train_steps):
+        j = i % len(batches)
+        t0 = time.perf_counter()
+        full_step(j)
+        times.append(time.perf_counter() - t0)
+        total_flops += flops[j]
+        sentences += batches[j][0].shape[0]
+        positions += batches[j][0].numel()
+    seconds = sum(times)
+    n_params = sum(p.numel() for p in net.parameters())
+    result = {
+        "precision": tc.precision,
+        "threads": torch.get_num_threads(),
+        "data": material.source,
+        "batch_size": tc.batch_size,
+        "mean_length": positions / max(1, sentences),
+        "vocab_size": len(material.vocab),
+        "params_m": n_params / 1e6,
+        "steps_timed": sizes.train_steps,
+        "step_seconds_mean": seconds / len(times),
+        "step_seconds_min": min(times),
+        "sentences_per_s": sentences / seconds,
+        "tokens_per_s": positions / seconds,
+        "flops_per_step": total_flops / len(times),
+        "achieved_gflops": total_flops / seconds / 1e9,
+    }
+    say(
+        f"train {tc.precision}: {result['sentences_per_s']:.1f} sent/s, {result['tokens_per_s']:.0f} tok/s, "
+        f"{result['flops_per_step'] / 1e9:.1f} GFLOP/step, {result['achieved_gflops']:.1f} GFLOP/s"
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# part: sample
+
+
+def sampler_config(cfg, name: str):
+    """cfg with sampling.sampler = name and a process that fits it (the model's own when it does)."""
+    from sgdd.config import SAMPLERS_FOR, validate_config
+
+    d = cfg.diffusion
+    own = SAMPLERS_FOR.get((d.process, d.graph if d.process == "score_entropy" else None), ())
+    if name not in own:
+        d = dataclasses.replace(d, process="score_entropy" if name in ("euler", "analytic") else "masked")
+    out = dataclasses.replace(cfg, diffusion=d, sampling=dataclasses.replace(cfg.sampling, sampler=name))
+    validate_config(out, f"bench sampler {name}")
+    return out
+
+
+def timed_rate(fn, items_per_call: int, min_seconds: float, max_reps: int) -> tuple[float, int]:
+    """Items per second over repeated calls fn(rep): at least one call, until min_seconds or max_reps."""
+    spent, reps = 0.0, 0
+    while reps < 1 or (spent < min_seconds and reps < max_reps):
+        t0 = time.perf_counter()
+        fn(reps)
+        spent += time.perf_counter() - t0
+        reps += 1
+    return items_per_call * reps / spent, reps
+
+
+def part_sample(args: argparse.Namespace, sizes: Sizes) -> dict:
+    import torch
+
+    from sgdd.api import SGDD
+    from sgdd.diffusion import build_process
+    from sgdd.generation import choose_lengths, decode_latents
+    from sgdd.sampling import build_sampler
+
+    if args.checkpoint:
+        model = SGDD.from_pretrained(args.checkpoint, device="cpu")
+        cfg = model.cfg
+        if cfg.training.threads > 0:
+            torch.set_num_threads(cfg.training.threads)
+        from sgdd.data import load_corpus
+        from sgdd.registry import ConfigError
+
+        try:
+            held_out = load_corpus(cfg, valid_only=True).valid
+        except (ConfigError, OSError) as exc:
+            say(f"held-out sentences unavailable ({exc}); using a repeated stand-in sentence")
+            held_out = ["The old house stood at the end of the lane, its windows dark."] * 64
+        source = "checkpoint"
+    else:
+        cfg = load_cfg(args)
+        material = load_material(cfg)
+        cfg, net = build_fresh_net(cfg, material)
+        model = SGDD(cfg, net, material.vocab, device="cpu")
+        held_out = material.held_out
+        source = f"fresh net ({material.source} data)"
+    net, vocab = model.net.eval(), model.vocab
+    n_max = max(max(sizes.sample_batches), sizes.e2e_batch)
+    texts = [held_out[i % len(held_out)] for i in range(n_max)]
+    say(f"sample: encoding {len(texts)} held-out sentences (model from {source})")
+    encoder = model.encoder  # loaded here, outside every timing
+    e = model.encode(texts)
+    with torch.no_grad():
+        z = net.vib.posterior(e)[0].float()  # (n_max, Dz)
+        if args.checkpoint:
+            lengths = choose_lengths(net, z, cfg)
+        else:
+            true = [len(vocab.encode(t)[: cfg.data.max_length - 1]) + 1 for t in texts]  # tokens + EOS
+            lengths = (torch.tensor(true) + cfg.data.pad_slack).clamp(min=2, max=cfg.data.max_length)
+
+    def decode(kcfg, sampler, process, start: int, B: int, scale: float, seed: int) -> None:
+        rows = slice(start, start + B)
+        gen = torch.Generator().manual_seed(seed)
+        decode_latents(net, process, sampler, vocab, z[rows], kcfg, scale, gen, lengths=lengths[rows])
+
+    grid: list[dict] = []
+    for name in SAMPLERS:
+        scfg = sampler_config(cfg, name)
+        process = build_process(scfg)
+        for B in sizes.sample_batches:
+            warm = dataclasses.replace(scfg, sampling=dataclasses.replace(scfg.sampling, steps=2))
+            decode(warm, build_sampler(warm), process, 0, B, CFG_SCALE, 0)
+            for steps in sizes.sample_steps:
+                kcfg = dataclasses.replace(scfg, sampling=dataclasses.replace(scfg.sampling, steps=steps))
+                sampler = build_sampler(kcfg)
+                for scale in (CFG_SCALE, 1.0):
+
+                    def run(rep: int, B=B, kcfg=kcfg, sampler=sampler, scale=scale, process=process) -> None:
+                        start = (rep * B) % (n_max - B + 1)  # small batches: different sentences each rep
+                        decode(kcfg, sampler, process, start, B, scale, rep)
+
+                    max_reps = sizes.sample_max_reps if B < 8 else max(1, sizes.sample_max_reps // 8)
+                    rate, reps = timed_rate(run, B, sizes.sample_min_seconds, max_reps)
+                    grid.append(
+                        {
+                            "sampler": name,
+                            "steps": steps,
+                            "cfg_scale": scale,
+                            "batch": B,
+                            "sentences_per_s": rate,
+                            "reps": reps,
+                        }
+                    )
+                    say(f"sample {name:8s} steps {steps:2d} cfg {scale:.1f} batch {B:3d}: {rate:8.2f} sent/s")
+
+    # end to end: frozen encoder + sampler + detokenisation, 16 steps with CFG
+    B = sizes.e2e_batch
+    ecfg = dataclasses.replace(
+        cfg, sampling=dataclasses.replace(cfg.sampling, steps=HEADLINE_STEPS, cfg_scale=CFG_SCALE)
+    )
+    sampler, process = build_sampler(ecfg), build_process(ecfg)
+    split = {"encode": 0.0, "total": 0.0}
+
+    def end_to_end(rep: int) -> None:
+        t0 = time.perf_counter()
+        e_b = model.encode(texts[:B])
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            z_b = net.vib.posterior(e_b)[0].float()
+        lens = None if args.checkpoint else lengths[:B]  # checkpoint: the length head decides
+        gen = torch.Generator().manual_seed(rep)
+        decode_latents(net, process, sampler, vocab, z_b, ecfg, CFG_SCALE, gen, lengths=lens)
+        split["encode"] += t1 - t0
+        split["total"] += time.perf_counter() - t0
+
+    e2e_rate, e2e_reps = timed_rate(
+        end_to_end, B, sizes.sample_min_seconds, max(1, sizes.sample_max_reps // 8)
+    )
+    say(
+        f"end to end ({HEADLINE_STEPS} steps, CFG {CFG_SCALE}, batch {B}): {e2e_rate:.2f} sent/s, "
+        f"encoder {100 * split['encode'] / split['total']:.0f}% of the time"
+    )
+    return {
+        "model": source,
+        "threads": torch.get_num_threads(),
+        "precision": cfg.training.precision,
+        "encoder": encoder.name_key,
+        "mean_positions": float(lengths.float().mean()),
+        "grid": grid,
+        "e2e": {
+            "steps": HEADLINE_STEPS,
+            "cfg_scale": CFG_SCALE,
+            "batch": B,
+            "sentences_per_s": e2e_rate,
+            "reps": e2e_reps,
+            "encode_fraction": split["encode"] / split["total"],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# part: cache
+
+
+def part_cache(args: argparse.Namespace, sizes: Sizes) -> dict:
+    from sgdd.data import load_corpus
+    from sgdd.embed_cache import LazyEncoder, load_or_build_embeddings
+
+    n = sizes.cache_sentences
+    with tempfile.TemporaryDirectory(prefix="sgdd-bench-cache-") as tmp:
+        cfg = load_cfg(args, [f"data.max_sentences={n}", f"data.cache_dir={tmp}"])
+        sentences = load_corpus(cfg).train[:n]
+        lazy = LazyEncoder(cfg)
+        t0 = time.perf_counter()
+        lazy.get()
+        load_s = time.perf_counter() - t0
+        stats: dict[str, Any] = {}
+        arr = load_or_build_embeddings(cfg, sentences, "bench", lazy, stats=stats, progress=False)
+        shape = tuple(arr.shape)
+        del arr
+    seconds = stats["bench"]["seconds"]
+    import torch
+
+    result = {
+        "sentences": len(sentences),
+        "dim": shape[1],
+        "encoder": cfg.encoder.name,
+        "encoder_precision": cfg.encoder.precision,
+        "encoder_batch_size": cfg.encoder.batch_size,
+        "threads": torch.get_num_threads(),
+        "encoder_load_seconds": load_s,
+        "encode_seconds": seconds,
+        "sentences_per_s": len(sentences) / seconds,
+    }
+    say(
+        f"cache: {len(sentences)} sentences in {seconds:.1f} s = {result['sentences_per_s']:.1f}/s "
+        f"(encoder load {load_s:.1f} s)"
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# orchestration
+
+
+def run_part(args: argparse.Namespace, part: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--config", args.config]
+    for s in args.set or []:
+        cmd += ["--set", s]
+    if args.checkpoint:
+        cmd += ["--checkpoint", args.checkpoint]
+    if args.quick:
+        cmd.append("--quick")
+    for flag in ("steps", "sample_batches", "cache_sentences"):
+        value = getattr(args, flag)
+        if value:
+            cmd += [f"--{flag.replace('_', '-')}", str(value)]
+    cmd += extra
+    say(f"part {part} {' '.join(extra)}".rstrip())
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        say(f"part {part} failed (exit {proc.returncode}); its error is above")
+        return {"error": f"exit {proc.returncode}"}
+    out = json.loads(lines[-1])
+    out["wall_seconds"] = time.monotonic() - t0
+    return out
+
+
+def pick(grid: list[dict], sampler: str, steps: int, scale: float, batch: int) -> float:
+    for g in grid:
+        if (g["sampler"], g["steps"], g["cfg_scale"], g["batch"]) == (sampler, steps, scale, batch):
+            return g["sentences_per_s"]
+    return math.nan
+
+
+def summarise(res: dict, sizes: Sizes) -> dict:
+    """Ratios and headline numbers from the parts' results."""
+    peak = res.get("peak", {})
+    bf, fp = res.get("train_bf16", {}), res.get("train_fp32", {})
+    nan = math.nan
+    peak_bf16 = peak.get("peak_bf16_gflops", nan)
+    peak_fp32 = peak.get("peak_fp32_gflops", nan)
+    grid = res.get("sample", {}).get("grid", [])
+    big = max(sizes.sample_batches)
+    head = HEADLINE_STEPS if HEADLINE_STEPS in sizes.sample_steps else max(sizes.sample_steps)
+    cfg_rate = pick(grid, "maskgit", head, CFG_SCALE, big)
+    plain_rate = pick(grid, "maskgit", head, 1.0, big)
+    return {
+        "peak_bf16_gflops": peak_bf16,
+        "peak_fp32_gflops": peak_fp32,
+        "bf16_speedup": bf.get("sentences_per_s", nan) / fp.get("sentences_per_s", nan),
+        "mfu_bf16": bf.get("achieved_gflops", nan) / peak_bf16,
+        "mfu_fp32_vs_bf16_peak": fp.get("achieved_gflops", nan) / peak_bf16,
+        "mfu_fp32_vs_fp32_peak": fp.get("achieved_gflops", nan) / peak_fp32,
+        "headline_steps": head,
+        "headline_batch": big,
+        "sample_cfg_sentences_per_s": cfg_rate,
+        "sample_nocfg_sentences_per_s": plain_rate,
+        "cfg_cost_ratio": plain_rate / cfg_rate,
+    }
+
+
+def fmt(x: Any, spec: str = ".1f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def grid_text(grid: list[dict], sizes: Sizes) -> list[str]:
+    """One line per (sampler, batch, cfg): sentences/s at each step count."""
+    lines = []
+    for name in SAMPLERS:
+        for B in sizes.sample_batches:
+            for scale in (CFG_SCALE, 1.0):
+                rates = "/".join(fmt(pick(grid, name, k, scale, B)) for k in sizes.sample_steps)
+                lines.append(f"{name} b{B} {'cfg' if scale != 1.0 else 'nocfg'} {rates}")
+    return lines
+
+
+def report(res: dict, summary: dict, sizes: Sizes) -> str:
+    peak, bf, fp = res.get("peak", {}), res.get("train_bf16", {}), res.get("train_fp32", {})
+    sample, cache = res.get("sample", {}), res.get("cache", {})
+    steps = "/".join(str(k) for k in sizes.sample_steps)
+    out = [
+        f"threads {peak.get('threads', '-')}",
+        "matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in peak.get("gflops", {}).items()),
+        "",
+        f"{'training':10s} {'sent/s':>8s} {'tok/s':>8s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'MFU':>6s} {'RSS MB':>7s}",
+    ]
+    for name, r, mfu in (("bf16", bf, summary["mfu_bf16"]), ("fp32", fp, summary["mfu_fp32_vs_bf16_peak"])):
+        out.append(
+            f"{name:10s} {fmt(r.get('sentences_per_s')):>8s} {fmt(r.get('tokens_per_s'), '.0f'):>8s} "
+            f"{fmt(r.get('flops_per_step', math.nan) / 1e9, '.2f'):>10s} "
+            f"{fmt(r.get('achieved_gflops')):>8s} {fmt(100 * mfu, '.1f'):>5s}% {fmt(r.get('peak_rss_mb'), '.0f'):>7s}"
+        )
+    out += [
+        f"model {fmt(bf.get('params_m'), '.1f')}M params, vocabulary {bf.get('vocab_size', '-')}, "
+        f"batch {bf.get('batch_size', '-')}, mean length {fmt(bf.get('mean_length'))}, data: {bf.get('data', '-')}",
+        f"bf16/fp32 training speed-up {fmt(summary['bf16_speedup'], '.2f')}x; MFU = counted model FLOPs / step time "
+        f"/ measured bf16 peak",
+        "",
+        f"sampling sentences/s at {steps} steps ({sample.get('model', '-')}, peak RSS "
+        f"{fmt(sample.get('peak_rss_mb'), '.0f')} MB):",
+        *("  " + ln for ln in grid_text(sample.get("grid", []), sizes)),
+        f"CFG cost ratio (maskgit, {summary['headline_steps']} steps, batch {summary['headline_batch']}): "
+        f"{fmt(summary['cfg_cost_ratio'], '.2f')}x",
+        f"end to end (encode + {HEADLINE_STEPS} steps CFG + detokenise, batch {sample.get('e2e', {}).get('batch', '-')}): "
+        f"{fmt(sample.get('e2e', {}).get('sentences_per_s'))} sent/s, encoder "
+        f"{fmt(100 * sample.get('e2e', {}).get('encode_fraction', math.nan), '.0f')}% of it",
+        "",
+        f"embedding cache: {cache.get('sentences', '-')} sentences at {fmt(cache.get('sentences_per_s'))}/s "
+        f"(encoder load {fmt(cache.get('encoder_load_seconds'))} s), peak RSS {fmt(cache.get('peak_rss_mb'), '.0f')} MB",
+    ]
+    failed = [k for k, v in res.items() if "error" in v]
+    if failed:
+        out.append(f"FAILED parts: {', '.join(failed)}")
+    return "\n".join(out)
+
+
+def results_row(
+    res: dict, summary: dict, sizes: Sizes, args: argparse.Namespace, date: str, commit: str, command: str
+) -> tuple[str, str]:
+    peak, bf, fp = res.get("peak", {}), res.get("train_bf16", {}), res.get("train_fp32", {})
+    sample, cache = res.get("sample", {}), res.get("cache", {})
+    e2e = sample.get("e2e", {})
+    header = (
+        "| date | commit | config | threads | peak GFLOP/s bf16 / fp32 | train sent/s bf16 / fp32 (speed-up) "
+        "| train tok/s bf16 / fp32 | GFLOP/step | MFU bf16 (fp32) | train RSS MB bf16 / fp32 "
+        "| sample sent/s maskgit b64 16 steps CFG / no CFG (CFG cost) | end-to-end sent/s | sampling grid sent/s "
+        "| sample RSS MB | cache sent/s (N) | cache RSS MB | note | command |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    k = "/".join(str(s) for s in sizes.sample_steps)
+    grid = "; ".join(grid_text(sample.get("grid", []), sizes))
+    model = (
+        f"{fmt(bf.get('params_m'), '.1f')}M params, V={bf.get('vocab_size', '-')}, "
+        f"batch {bf.get('batch_size', '-')}, data: {bf.get('data', '-')}; sampling: {sample.get('model', '-')}"
+    )
+    cells = [
+        date,
+        commit,
+        f"{args.config} {' '.join(args.set or [])} ({model})".replace("|", "/"),
+        str(peak.get("threads", "-")),
+        f"{fmt(summary['peak_bf16_gflops'])} / {fmt(summary['peak_fp32_gflops'])}",
+        f"{fmt(bf.get('sentences_per_s'))} / {fmt(fp.get('sentences_per_s'))} ({fmt(summary['bf16_speedup'], '.2f')}x)",
+        f"{fmt(bf.get('tokens_per_s'), '.0f')} / {fmt(fp.get('tokens_per_s'), '.0f')}",
+        fmt(bf.get("flops_per_step", math.nan) / 1e9, ".2f"),
+        f"{fmt(100 * summary['mfu_bf16'])}% ({fmt(100 * summary['mfu_fp32_vs_bf16_peak'])}%)",
+        f"{fmt(bf.get('peak_rss_mb'), '.0f')} / {fmt(fp.get('peak_rss_mb'), '.0f')}",
+        f"{fmt(summary['sample_cfg_sentences_per_s'])} / {fmt(summary['sample_nocfg_sentences_per_s'])} "
+        f"({fmt(summary['cfg_cost_ratio'], '.2f')}x)"
+        + (
+            ""
+            if (summary["headline_steps"], summary["headline_batch"]) == (16, 64)
+            else f" [b{summary['headline_batch']}, {summary['headline_steps']} steps]"
+        ),
+        f"{fmt(e2e.get('sentences_per_s'))} (b{e2e.get('batch', '-')})",
+        f"steps {k}: {grid}",
+        fmt(sample.get("peak_rss_mb"), ".0f"),
+        f"{fmt(cache.get('sentences_per_s'))} ({cache.get('sentences', '-')})",
+        fmt(cache.get("peak_rss_mb"), ".0f"),
+        (args.note + (" [quick]" if args.quick else "")).strip(),
+        f"`{command}`",
+    ]
+    return header, "| " + " | ".join(cells) + " |\n"
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    sizes = sizes_for(args)
+    wanted = args.parts.split(",") if args.parts else list(PARTS)
+    unknown = sorted(set(wanted) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown part(s) {', '.join(unknown)}; valid: {', '.join(PARTS)}")
+    res: dict[str, dict] = {}
+    if "peak" in wanted:
+        res["peak"] = run_part(args, "peak", [])
+    if "train" in wanted:
+        for precision in ("bf16", "fp32"):
+            res[f"train_{precision}"] = run_part(args, "train", ["--precision", precision])
+    if "sample" in wanted:
+        res["sample"] = run_part(args, "sample", [])
+    if "cache" in wanted:
+        res["cache"] = run_part(args, "cache", [])
+    summary = summarise(res, sizes)
+    text = report(res, summary, sizes)
+    print(text)
+
+    date, commit = time.strftime("%Y-%m-%d %H:%M"), git_commit()
+    command = "uv run python bench/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    results = Path(args.results)
+    out_dir = results.parent if args.quick else ROOT / "bench" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / f"speed_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out_path.write_text(
+        json.dumps(
+            {
+                "date": date,
+                "commit": commit,
+                "command": command,
+                "config": args.config,
+                "overrides": args.set or [],
+                "quick": args.quick,
+                "sizes": dataclasses.asdict(sizes),
+                "summary": summary,
+                "parts": res,
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    header, row = results_row(res, summary, sizes, args, date, commit, command)
+    append_row(results, SECTION, header, row)
+    print(f"wrote {out_path} and a row in {results}")
+    return 1 if any("error" in v for v in res.values()) else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--checkpoint", default=None, help="a trained checkpoint folder for the sampling part")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for the smoke test")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--parts", default="", help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--steps", default="", help="sampling step counts, e.g. 4,8,16,32")
+    ap.add_argument("--sample-batches", default="", help="sampling batch sizes, e.g. 1,64")
+    ap.add_argument(
+        "--cache-sentences", type=int, default=0, help="sentences for the cache part (default 2000)"
+    )
+    ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    ap.add_argument("--note", default="", help="free text for the RESULTS.md row")
+    ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not args.part:
+        return orchestrate(args)
+
+    from sgdd.cli import setup_logging
+
+    setup_logging()
+    sizes = sizes_for(args)
+    fn = {"peak": part_peak, "train": part_train, "sample": part_sample, "cache": part_cache}[args.part]
+    result = fn(args, sizes)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

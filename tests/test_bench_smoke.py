@@ -1,0 +1,254 @@
+"""Smoke tests of the benchmark scripts in their tiny modes, so they cannot rot. The numbers are not checked
+(benchmarks are scripts that print measurements, never timed tests): only that every part runs, reports
+positive rates, and writes its JSON and its RESULTS.md row.
+
+The corpus is a few hundred sentences written to a temporary folder: English fiction from ../shared/data when
+present, else the offline Wikipedia sample. One torch thread: on a shared machine, spinning OpenMP threads
+slow tiny workloads down many times over.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgdd.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/fiction_minilm.yaml"
+
+
+def _load_speed_module():
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """(train.txt, valid.txt): 300 and 40 sentences, one per line."""
+    folder = tmp_path_factory.mktemp("bench_corpus")
+    shared = os.environ.get("SGDD_SHARED_DATA")
+    eltec = (Path(shared) if shared else ROOT.parent / "shared" / "data") / "eltec_eng"  # as conftest.py
+    if (eltec / "train.txt").is_file() and (eltec / "valid.txt").is_file():
+        with open(eltec / "train.txt", encoding="utf-8") as fh:
+            train = [next(fh).strip() for _ in range(300)]
+        with open(eltec / "valid.txt", encoding="utf-8") as fh:
+            valid = [next(fh).strip() for _ in range(40)]
+    else:
+        from sgdd.data import wiki_sample_sentences
+
+        sents = [s for s in wiki_sample_sentences() if len(s) < 200]
+        train, valid = sents[:300], sents[300:340]
+    (folder / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
+    (folder / "valid.txt").write_text("\n".join(valid) + "\n", encoding="utf-8")
+    return folder / "train.txt", folder / "valid.txt"
+
+
+def tiny_overrides(tiny_corpus, tmp_path: Path) -> list[str]:
+    train, valid = tiny_corpus
+    return [
+        f"data.path={train}",
+        f"data.valid_path={valid}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.max_sentences=0",
+        "data.max_length=48",
+        "model.init_from=scratch",  # the pretrained-init path is training's own (tested there); saves a model load
+        "model.num_layers=1",
+        "model.hidden_size=64",
+        "model.num_heads=2",
+        "model.latent_dim=32",
+        "training.threads=1",
+    ]
+
+
+def test_speed_quick_runs_every_part(tiny_corpus, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "speed.py"),
+        "--config",
+        CONFIG,
+        "--quick",
+        "--results",
+        str(results),
+    ]
+    for o in tiny_overrides(tiny_corpus, tmp_path):
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "training" in proc.stdout and "embedding cache" in proc.stdout
+
+    text = results.read_text()
+    assert "## Speed (bench/speed.py)" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| 20")]
+    assert len(rows) == 1 and "--quick" in rows[0] and "[quick]" in rows[0]
+
+    (out,) = tmp_path.glob("speed_*.json")
+    data = json.loads(out.read_text())
+    parts = data["parts"]
+    assert set(parts) == {"peak", "train_bf16", "train_fp32", "sample", "cache"}
+    assert all("error" not in p for p in parts.values())
+    assert all(p["peak_rss_mb"] > 0 for p in parts.values())
+    assert parts["peak"]["peak_bf16_gflops"] > 0 and parts["peak"]["peak_fp32_gflops"] > 0
+    for precision in ("bf16", "fp32"):
+        train = parts[f"train_{precision}"]
+        assert train["precision"] == precision and train["batch_size"] == 4
+        assert (
+            train["data"] == "corpus"
+        )  # the tiny corpus has no embedding cache: never built by the benchmark
+        assert train["sentences_per_s"] > 0 and train["tokens_per_s"] >= 4 * train["sentences_per_s"]
+        assert train["flops_per_step"] > 0
+    # the same batches and masks in both precisions: the same counted FLOPs
+    assert parts["train_bf16"]["flops_per_step"] == parts["train_fp32"]["flops_per_step"]
+    grid = parts["sample"]["grid"]
+    keys = {(g["sampler"], g["steps"], g["cfg_scale"], g["batch"]) for g in grid}
+    assert keys == {
+        (s, k, c, b)
+        for s in ("maskgit", "euler", "analytic")
+        for k in (4, 16)
+        for c in (1.5, 1.0)
+        for b in (1, 4)
+    }
+    assert all(g["sentences_per_s"] > 0 for g in grid)
+    assert parts["sample"]["e2e"]["sentences_per_s"] > 0
+    assert parts["cache"]["sentences"] == 16 and parts["cache"]["sentences_per_s"] > 0
+    summary = data["summary"]
+    assert summary["mfu_bf16"] > 0 and summary["bf16_speedup"] > 0 and summary["cfg_cost_ratio"] > 0
+    assert not list((tmp_path / "cache").glob("*/embeddings.npy"))  # the cache part used its own temp folder
+
+
+def test_synthetic_material_without_a_corpus(tmp_path):
+    """No corpus file: a 20,000-id vocabulary and sentence lengths shaped like the fiction corpus."""
+    speed = _load_speed_module()
+    cfg = load_config(
+        CONFIG,
+        [f"data.path={tmp_path / 'missing.txt'}", "data.valid_path=", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
+    material = speed.load_material(cfg, num_synthetic=2000)
+    assert material.source == "synthetic" and material.emb is None
+    assert len(material.vocab) == speed.SYNTHETIC_VOCAB and material.encoder_dim == 384
+    lengths = [len(t) for t in material.tokens]
+    assert 20 < sum(lengths) / len(lengths) < 28
+    assert min(lengths) >= cfg.data.min_tokens and max(lengths) <= cfg.data.max_length - 1
+    assert all(3 <= i < len(material.vocab) for t in material.tokens[:50] for i in t)  # never PAD/MASK/EOS
+    assert material.held_out and all(isinstance(s, str) and s for s in material.held_out[:10])
+    e = speed.batch_vectors(material, [0, 1, 2], seed=0)
+    assert e.shape == (3, 384) and abs(float(e.norm(dim=-1).mean()) - 1.0) < 1e-5
+
+
+class RandomEncoder:
+    """Stand-in frozen encoder (the real tokenizer, random 384-d vectors): builds a cache quickly."""
+
+    dim = 384
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, texts, batch_size=None):
+        return torch.nn.functional.normalize(torch.randn(len(texts), self.dim), dim=-1)
+
+
+def test_material_uses_a_built_cache_and_never_builds_one(tiny_corpus, tmp_path, bundled_tokenizer):
+    from sgdd.embed_cache import prepare
+
+    speed = _load_speed_module()
+    cfg = load_config(CONFIG, tiny_overrides(tiny_corpus, tmp_path))
+    material = speed.load_material(cfg)
+    assert material.source == "corpus" and material.emb is None
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*/embeddings.npy"))
+
+    data = prepare(cfg, encoder=RandomEncoder(bundled_tokenizer), progress=False, log=lambda msg: None)
+    material = speed.load_material(cfg)
+    assert material.source == "cache"
+    assert len(material.vocab) == len(data.vocab) and material.tokens == data.train_tokens
+    assert material.emb.shape == (len(data.train_tokens), 384)
+    assert material.held_out == data.valid_sentences
+    e = speed.batch_vectors(material, [3, 1], seed=0)
+    assert torch.equal(e, torch.as_tensor(data.train_emb[[3, 1]]))
+
+
+def test_sample_part_from_a_checkpoint(tiny_corpus, tmp_path, tiny_vocab):
+    """--checkpoint: the sampling part loads it through SGDD.from_pretrained and lets the length head decide."""
+    import argparse
+
+    from sgdd.checkpoint import save_checkpoint
+    from sgdd.models import SGDDNet
+
+    speed = _load_speed_module()
+    overrides = tiny_overrides(tiny_corpus, tmp_path)
+    cfg = load_config(CONFIG, overrides)
+    net = SGDDNet(cfg, len(tiny_vocab), 384, encoder_ids=tiny_vocab.encoder_ids)
+    tiny_vocab.save(tmp_path / "vocab.json")
+    state = net.state_dict()
+    save_checkpoint(
+        tmp_path / "ck", config=cfg, model_state=state, ema_state=state, vocab_file=tmp_path / "vocab.json"
+    )
+    args = argparse.Namespace(
+        config=CONFIG,
+        set=overrides,
+        checkpoint=str(tmp_path / "ck"),
+        quick=True,
+        steps="2",
+        sample_batches="1,2",
+        cache_sentences=0,
+    )
+    sizes = speed.sizes_for(args)
+    assert sizes.sample_steps == (2,) and sizes.sample_batches == (1, 2)
+    threads = torch.get_num_threads()
+    try:
+        out = speed.part_sample(args, speed.dataclasses.replace(sizes, e2e_batch=2))
+    finally:
+        torch.set_num_threads(threads)  # the checkpoint's training.threads=1 applies to this process
+    assert out["model"] == "checkpoint"
+    assert len(out["grid"]) == 3 * 2 * 2 and all(g["sentences_per_s"] > 0 for g in out["grid"])
+    # an untrained length head predicts length 0: every row decodes 0 tokens + EOS + pad_slack positions
+    assert out["mean_positions"] == cfg.data.pad_slack
+    assert out["e2e"]["batch"] == 2 and out["e2e"]["sentences_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_quality_smoke(tiny_corpus, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "quality.py"),
+        "--config",
+        CONFIG,
+        "--minutes",
+        "0.2",
+        "--num-valid",
+        "8",
+        "--rerank",
+        "2",
+        "--run-name",
+        "bench_smoke_test",
+        "--results",
+        str(results),
+        *tiny_overrides(tiny_corpus, tmp_path),
+        f"training.output_dir={tmp_path / 'checkpoints'}",
+        "training.batch_size=8",
+        "training.eval_every=0",
+        "training.save_every=0",
+        "training.num_eval_sentences=4",
+        "training.num_eval_batches=1",
+        "training.log_every=5",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    text = results.read_text()
+    assert "## Quality (bench/quality.py)" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| 20")]
+    assert len(rows) == 1 and "bench/quality.py" in rows[0]
+    out = json.loads((ROOT / "bench" / "out" / "bench_smoke_test.json").read_text())
+    assert out["steps"] > 0 and out["plain"] and out["rerank"]
+    assert (tmp_path / "checkpoints" / "bench_smoke_test" / "latest").is_dir()
