@@ -146,9 +146,9 @@ def test_schedule_followed_and_most_confident_first():
         committed = (x1[b, : lengths[b]] != MASK).nonzero().flatten().tolist()
         n = len(committed)
         assert n > 0 and committed == list(range(int(lengths[b]) - n, int(lengths[b])))
-    # mask ratio seen by the process = fraction of positions still masked
-    assert torch.allclose(process.ratios[0], torch.ones(2))
-    assert torch.allclose(process.ratios[1], masked_count(lengths, 1, K).float() / lengths.float())
+    # mask ratio seen by the process = fraction of the row's L positions still masked (PAD tail visible)
+    assert torch.allclose(process.ratios[0], lengths.float() / 10)
+    assert torch.allclose(process.ratios[1], masked_count(lengths, 1, K).float() / 10)
 
 
 def test_mask_is_never_predicted():
@@ -301,3 +301,31 @@ def test_row_max_matches_torch(C):
     values, ids = row_max(x)
     ref_values, ref_ids = x.max(dim=-1)
     assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+
+
+def test_with_the_real_masked_process():
+    """MaskedProcess.clean_logits (time from the mask ratio, MASK excluded) drives the sampler end to end."""
+    from sgdd.diffusion import build_process
+
+    cfg = make_cfg(steps=4)
+    process = build_process(cfg)
+    assert process.mask_id == MASK and process.pad_id == PAD
+    target = _target(B=3, L=7, seed=9)
+    target[1, 3] = EOS
+    target[1, 4:] = PAD
+    seen_t = []
+
+    class Recording(TargetModel):
+        def __call__(self, x_t, t, z, uncond=None, select=None):
+            seen_t.append(t.clone())
+            return super().__call__(x_t, t, z, uncond=uncond, select=select)
+
+    model = Recording(target, extra=torch.eye(V)[MASK] * 50)  # the raw model loves MASK
+    lengths = torch.tensor([7, 7, 5])
+    x = MaskGITSampler(cfg).sample(model, process, torch.ones(3, 2), lengths, 1.5)
+    assert len(model.calls) == 4 and model.calls == [6] * 4
+    expected = torch.where(torch.arange(7)[None] < lengths[:, None], target, PAD)
+    assert torch.equal(x, expected)
+    # times fall as the sentence fills in; the null rows see the same time as their conditional rows
+    assert all(torch.equal(t[:3], t[3:]) for t in seen_t)
+    assert (seen_t[0][:3] > seen_t[-1][:3]).all()

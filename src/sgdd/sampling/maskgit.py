@@ -10,6 +10,8 @@ positions stay masked after step k (cosine unmasking schedule; m_K = 0, so nothi
 confidence of a prediction is the guided model's probability of the chosen token (float32); for ranking,
 annealed Gumbel noise can be added to its log: log p + gumbel_noise * (1 - (k-1)/K) * G, G ~ Gumbel(0, 1)
 drawn in float64. MASK is never predicted; PAD and EOS are (the model learns where a sentence ends).
+The process is told the fraction of the row's L = max(lengths) positions that are masked (the PAD tail
+counts as visible), the quantity the masked process conditions on in training.
 
 Optional re-masking (sampling.remask = rho > 0): at step k < K, r(i) = min(floor(rho * committed_before(i)),
 m_k(i)) of the tokens committed at earlier steps, those with the lowest confidence at their commit time, are
@@ -17,6 +19,8 @@ masked again, and r(i) extra new tokens are committed, so the schedule's count m
 final step commits everything.
 
 Exactly K model calls (2B rows each with guidance), all on (B, L) / (N, V) tensors, no loop over the batch.
+Row-wise work on the (N, V) logits runs in cache-sized slices of rows (guidance.row_slices): on this CPU a
+whole-tensor pass at V = 20k costs 2-3x more, mostly page faults on fresh buffers.
 """
 
 from __future__ import annotations
@@ -229,7 +233,9 @@ class MaskGITSampler(Sampler):
         for k in range(1, K + 1):
             mask = x == mask_id  # (B, L)
             masked_now = mask.sum(dim=1)  # (B,)
-            mask_ratio = masked_now.float() / n.float()  # (B,)
+            # fraction of x's L positions that are masked, as the process measures it in training (the PAD
+            # tail counts as visible positions)
+            mask_ratio = masked_now.float() / L  # (B,)
             logits = process.clean_logits(step_model, x, mask_ratio, z, select=mask)  # (N, V), N = mask.sum()
             ids, logconf = choose_tokens(  # (N,), (N,)
                 logits, s.greedy, s.temperature, s.top_k, s.top_p, generator, forbid=mask_id
