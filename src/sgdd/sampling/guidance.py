@@ -10,6 +10,10 @@ pass as ONE forward over a batch of 2B rows and combines them in float32.
 The wrapper is generic over what the model returns: logits (MaskGIT on the masked process) or log-scores
 (SEDD). The outputs are expected to be finite; processes that forbid entries (e.g. the MASK logit) set them
 to -inf after guidance, not inside the model, since -inf - (-inf) is undefined.
+
+The raw output of the 2B-row forward belongs to the wrapper alone: when it is float32 the result is written
+over its conditional half (no fresh (N, V) buffer, whose page faults cost more than the arithmetic on CPU);
+a bf16 output is combined into a new float32 tensor. The returned tensor may be modified by the caller.
 """
 
 from __future__ import annotations
