@@ -41,6 +41,8 @@ def main() -> int:
     ap.add_argument("--valid", default=None, help="evaluation sentences (default: the config's valid_path)")
     ap.add_argument("--num-valid", type=int, default=1000)
     ap.add_argument("--rerank", type=int, default=8)
+    ap.add_argument("--num-rerank", type=int, default=0,
+                    help="evaluate the rerank on only the first N sentences (0 = all); best-of-K costs K decodes each")
     ap.add_argument("--run-name", default=None)
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--note", default="", help="free text for the RESULTS.md row (what this experiment changes)")
@@ -75,7 +77,9 @@ def main() -> int:
     model = SGDD.from_pretrained(result.run_dir / "latest")  # final EMA weights
     plain = evaluate_reconstruction(model, sentences, steps=16)
     print_report(plain)
-    reranked = evaluate_reconstruction(model, sentences, steps=16, rerank=args.rerank) if args.rerank > 1 else None
+    rr_sents = sentences[: args.num_rerank] if args.num_rerank > 0 else sentences
+    reranked = evaluate_reconstruction(model, rr_sents, steps=16, rerank=args.rerank) if args.rerank > 1 else None
+    same_subset = evaluate_reconstruction(model, rr_sents, steps=16) if reranked and len(rr_sents) < len(sentences) else None
     if reranked:
         print_report(reranked)
 
@@ -91,6 +95,8 @@ def main() -> int:
         "train_sentences_per_s": train_rate,
         "plain": plain["metrics"],
         "rerank": reranked["metrics"] if reranked else None,
+        "rerank_subset": len(rr_sents),
+        "plain_on_rerank_subset": same_subset["metrics"] if same_subset else None,
         "resolved_config": config_to_dict(model.cfg),
         "examples": plain.get("examples", [])[:20],
         "command": "uv run python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -104,7 +110,9 @@ def main() -> int:
            f"{result.step} steps, {train_rate:.1f} sent/s | {m.get('bleu', float('nan')):.2f} | "
            f"{m.get('chrf', float('nan')):.1f} | {m.get('exact_match', float('nan')):.3f} | "
            f"{m.get('cosine', float('nan')):.3f} | {m.get('token_f1', float('nan')):.3f} | "
-           f"{r.get('bleu', float('nan')):.2f} | {args.note} | `{out['command']}` |\n")
+           f"{r.get('bleu', float('nan')):.2f} (n={len(rr_sents)}"
+           + (f", plain on the same {len(rr_sents)}: {same_subset['metrics']['bleu']:.2f}" if same_subset else "")
+           + f") | {args.note} | `{out['command']}` |\n")
     results = Path(args.results)
     if not results.exists():
         results.write_text("# Benchmark results\n\n")

@@ -155,24 +155,18 @@ class SGDD:
         return self._rerank(texts, e, mu, cfg, K, seed)
 
     def _rerank(self, texts, e, mu, cfg: Config, K: int, seed: int) -> list[str]:
-        """Candidates: the greedy decode, then decodes at the length head's next most likely lengths with
-        annealed Gumbel confidence noise; the frozen encoder picks the closest."""
+        """Candidates: the default decode, then decodes at other quantiles of the length head's distribution
+        with annealed Gumbel confidence noise; the frozen encoder picks the one closest to the input vector."""
         from sgdd.sampling.rerank import pick_best
 
         B = mu.shape[0]
-        base_len = choose_lengths(self.net, mu, cfg)  # (B,)
-        with torch.no_grad():
-            top_len = self.net.length_head(mu.float()).topk(K, dim=-1).indices  # (B, K)
+        quantiles = torch.linspace(0.15, 0.95, K - 1).tolist()
+        noisy = dataclasses.replace(cfg, sampling=dataclasses.replace(
+            cfg.sampling, gumbel_noise=max(cfg.sampling.gumbel_noise, 1.0)))
         cands: list[list[str]] = [[] for _ in range(B)]
         for k in range(K):
-            if k == 0:
-                kcfg, lengths = cfg, base_len
-            else:
-                kcfg = dataclasses.replace(cfg, sampling=dataclasses.replace(
-                    cfg.sampling, gumbel_noise=max(cfg.sampling.gumbel_noise, 1.0)))
-                lengths = (top_len[:, k] + cfg.data.pad_slack).clamp(min=2, max=cfg.data.max_length)
-            outs = self._decode(mu, kcfg, seed + k, lengths=lengths)
-            for i, s in enumerate(outs):
+            kcfg, lengths = (cfg, None) if k == 0 else (noisy, choose_lengths(self.net, mu, cfg, quantiles[k - 1]))
+            for i, s in enumerate(self._decode(mu, kcfg, seed + k, lengths=lengths)):
                 cands[i].append(s)
         chosen, _ = pick_best(cands, e.float().cpu(), lambda xs: self.encoder.encode(xs).float().cpu())
         return chosen

@@ -38,6 +38,10 @@ class ModelConfig:
     prefix_tokens: int = 0  # z also enters as this many prefix tokens (0 = AdaLN only)
     tie_embeddings: bool = True  # output layer shares the token embedding matrix
     length_head: bool = True  # predict the sentence length from z (used by samplers with length=predict)
+    # bag-of-words head: z -> which vocabulary tokens the sentence contains (multi-label, trained with BCE);
+    # its log-probabilities are added, with a learned scale, to the decoder's logits at every position
+    bow_head: bool = True
+    bow_weight: float = 1.0  # weight of the bag-of-words BCE (per target token) in the training loss
     kl_weight: float = 1.0e-3
     kl_warmup_steps: int = 1000
     cond_dropout: float = 0.1  # probability of replacing z by the learned null condition (CFG training)
@@ -74,7 +78,9 @@ class DataConfig:
     seed: int = 0
     cache_dir: str = "data/cache"
     prune_vocab: bool = True
-    pad_slack: int = 4  # batches pad to (longest in batch + pad_slack), capped at max_length
+    # training batches pad to (longest in batch + 1 + U{0..pad_slack}) positions, capped at max_length, so the
+    # model learns to fill any spare positions after the end token with PAD
+    pad_slack: int = 12
     bucket_by_length: bool = True
 
 
@@ -130,7 +136,9 @@ class SamplingConfig:
     greedy: bool = True  # argmax tokens (reconstruction); False samples
     gumbel_noise: float = 0.0  # annealed Gumbel noise on confidences (MaskGIT), 0 = none
     remask: float = 0.0  # fraction of low-confidence decoded tokens re-masked per step (MaskGIT)
-    length: str = "predict"  # predict (length head + pad_slack) | max (always data.max_length)
+    length: str = "predict"  # predict (length head quantile + length_slack) | max (always data.max_length)
+    length_quantile: float = 0.8  # decode this quantile of the length head's distribution ...
+    length_slack: int = 2  # ... plus this many spare positions (the model ends the sentence itself)
     rerank: int = 1  # best-of-K by re-embedding cosine; 1 = off
     batch_size: int = 64
 

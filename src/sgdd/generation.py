@@ -1,7 +1,8 @@
 """From latents to text: length choice, sampler call under autocast, detokenisation.
 
 Shared by the training loop's validation reconstructions, the Python API, generate.py and evaluate.py, so
-every path decodes the same way the model was trained (lengths = predicted length + data.pad_slack).
+every path decodes the same way (lengths = a quantile of the length head's distribution + spare positions,
+which the model fills with PAD after the end token, as it learned from the randomly padded training batches).
 """
 
 from __future__ import annotations
@@ -21,17 +22,24 @@ def autocast_ctx(precision: str, device: torch.device | str = "cpu"):
     return contextlib.nullcontext()
 
 
-def choose_lengths(net, z: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """(B,) number of positions to decode: predicted length (tokens + EOS) + pad_slack, capped at max_length;
-    always max_length when sampling.length == max or the model has no length head."""
+def length_quantile(logits: torch.Tensor, q: float) -> torch.Tensor:
+    """logits (B, C) over lengths 0..C-1 -> (B,) the smallest length whose cumulative probability reaches q."""
+    cdf = logits.float().softmax(dim=-1).cumsum(dim=-1)  # (B, C)
+    return (cdf < q).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
+
+
+def choose_lengths(net, z: torch.Tensor, cfg: Config, quantile: float | None = None) -> torch.Tensor:
+    """(B,) number of positions to decode: the length head's `quantile` (tokens + EOS) + sampling.length_slack,
+    capped at max_length; always max_length when sampling.length == max or the model has no length head."""
     B = z.shape[0]
     L = cfg.data.max_length
     head = getattr(net, "length_head", None)
     if cfg.sampling.length == "max" or head is None:
         return torch.full((B,), L, dtype=torch.long, device=z.device)
+    q = cfg.sampling.length_quantile if quantile is None else quantile
     with torch.no_grad():
-        pred = head(z.float()).argmax(dim=-1)  # (B,) tokens incl. EOS
-    return (pred + cfg.data.pad_slack).clamp(min=2, max=L)
+        n = length_quantile(head(z.float()), q)  # (B,) tokens incl. EOS
+    return (n + cfg.sampling.length_slack).clamp(min=2, max=L)
 
 
 @torch.no_grad()

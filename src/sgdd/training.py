@@ -116,11 +116,12 @@ class EMA:
 class TrainStep(nn.Module):
     """(x0, e, uncond) -> (total loss, metrics). Holds the network; receives the process (no parameters)."""
 
-    def __init__(self, net: nn.Module, process, pad_id: int):
+    def __init__(self, net: nn.Module, process, pad_id: int, bow_weight: float = 1.0):
         super().__init__()
         self.net = net
         self.process = process
         self.pad_id = pad_id
+        self.bow_weight = bow_weight
 
     def forward(self, x0: torch.Tensor, e: torch.Tensor, uncond: torch.Tensor, kl_weight: float):
         z, kl = self.net.vib(e)  # (B, Dz), (B,)
@@ -129,13 +130,32 @@ class TrainStep(nn.Module):
         total = loss + kl_weight * kl_mean
         metrics = dict(metrics)
         metrics["kl"] = float(kl_mean.detach())
+        dec = self.net.decoder
+        if getattr(dec, "bow_mlp", None) is not None:
+            # multi-hot (B, V) of the sentence's tokens (EOS included, PAD / MASK not): BCE per target token
+            B, V = x0.shape[0], dec.vocab_size
+            target = torch.zeros(B, V, device=x0.device)
+            target.scatter_(1, x0, 1.0)
+            target[:, self.pad_id] = 0.0
+            n_pos = target.sum().clamp(min=1.0)
+            bow = dec.bow_logits(z).float()
+            bow_loss = F.binary_cross_entropy_with_logits(bow, target, reduction="sum") / n_pos
+            total = total + self.bow_weight * bow_loss
+            metrics["bow_loss"] = float(bow_loss.detach())
+            with torch.no_grad():  # recall of the sentence's tokens among the top-|sentence| predictions
+                k = int(target.sum(1).max().item())
+                top = bow.topk(k, dim=1).indices
+                hit = target.gather(1, top)
+                rank_ok = torch.arange(k, device=x0.device)[None, :] < target.sum(1, keepdim=True)
+                metrics["bow_recall"] = float((hit * rank_ok).sum() / n_pos)
         head = getattr(self.net, "length_head", None)
         if head is not None:
             target = (x0 != self.pad_id).sum(dim=1)  # (B,) tokens incl. EOS
-            # detached: the length head reads z but does not shape it
-            len_logits = head(z.detach().float())
+            # the length head reads the posterior mean (what sampling feeds it), detached: it does not shape z
+            mu, _ = self.net.vib.posterior(e)
+            len_logits = head(mu.detach().float())
             len_loss = F.cross_entropy(len_logits, target)
-            total = total + 0.1 * len_loss
+            total = total + len_loss
             metrics["len_loss"] = float(len_loss.detach())
             metrics["len_acc"] = float((len_logits.argmax(-1) == target).float().mean())
         return total, metrics
@@ -311,7 +331,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     del pretrained
     process = build_process(cfg)
     sampler = build_sampler(cfg)
-    step_module = TrainStep(net, process, vocab.PAD).to(device)
+    step_module = TrainStep(net, process, vocab.PAD, cfg.model.bow_weight).to(device)
     ddp_module: nn.Module = step_module
     if d.world > 1:
         ddp_module = nn.parallel.DistributedDataParallel(
@@ -354,7 +374,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     val_batches = []
     for i in range(0, min(len(data.valid_tokens), tc.num_eval_batches * tc.batch_size), tc.batch_size):
         toks = data.valid_tokens[i : i + tc.batch_size]
-        val_batches.append((make_batch(toks, cfg.data.max_length, cfg.data.pad_slack).to(device),
+        val_batches.append((make_batch(toks, cfg.data.max_length, cfg.data.pad_slack // 2).to(device),
                             torch.tensor(np.asarray(data.valid_emb[i : i + len(toks)]), dtype=torch.float32, device=device)))
     n_rec = min(tc.num_eval_sentences, len(data.valid_sentences))
     rec_refs = [vocab.decode(vocab.encode(s)) for s in data.valid_sentences[:n_rec]]  # tokenizer round trip
@@ -398,7 +418,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         nonlocal best_bleu
         eval_net.load_state_dict(ema.state_dict(net))
         eval_net.eval()
-        eval_step = TrainStep(eval_net, process, vocab.PAD)
+        eval_step = TrainStep(eval_net, process, vocab.PAD, cfg.model.bow_weight)
         metrics = validation_loss(eval_step, val_batches, cfg)
         t0 = time.monotonic()
         hyps = reconstruct(eval_net, process, sampler, vocab, rec_emb, cfg)
@@ -440,7 +460,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
             step_loss, step_metrics, ok = 0.0, {}, True
             for micro in range(tc.grad_accum):
                 idx = next(batches)
-                x0 = make_batch([data.train_tokens[i] for i in idx], cfg.data.max_length, cfg.data.pad_slack).to(device)
+                slack = random.randint(0, cfg.data.pad_slack)  # python RNG: seeded and saved with the checkpoint
+                x0 = make_batch([data.train_tokens[i] for i in idx], cfg.data.max_length, slack).to(device)
                 e = torch.as_tensor(data.train_emb[idx], dtype=torch.float32, device=device)  # (B, De)
                 uncond = torch.rand(x0.shape[0]) < cfg.model.cond_dropout
                 last_micro = micro == tc.grad_accum - 1
@@ -489,7 +510,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                 elapsed = elapsed_before + (now - t_start)
                 remaining = _eta(step, tc.max_steps, elapsed, budget_s)
                 line = (f"step {step} | loss {step_loss:.4f} | acc {step_metrics.get('acc', float('nan')):.3f} | "
-                        f"kl {step_metrics.get('kl', 0.0):.2f} | lr {lr:.2e} | "
+                        f"kl {step_metrics.get('kl', 0.0):.2f} | bow_rec {step_metrics.get('bow_recall', float('nan')):.3f} | "
+                        f"len_acc {step_metrics.get('len_acc', float('nan')):.3f} | lr {lr:.2e} | "
                         f"{last_metrics['train/sentences_per_s']:.1f} sent/s | "
                         f"{last_metrics['train/tokens_per_s']:.0f} tok/s | eta {remaining}")
                 bar.set_postfix_str(f"loss {step_loss:.3f} {last_metrics['train/sentences_per_s']:.0f} sent/s")

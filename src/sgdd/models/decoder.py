@@ -21,9 +21,11 @@ a 20-30k vocabulary the output product is most of the compute. Raw logits, no kn
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sgdd.config import ModelConfig
@@ -130,6 +132,14 @@ class Decoder(nn.Module):
                 for _ in range(cfg.num_layers)
             )
         self.final = FinalLayer(D, D, vocab_size, cfg.tie_embeddings, arch.act, arch.eps)
+        # bag-of-words prior: z -> (B, V) presence logits through the token embeddings; added to the
+        # output logits as bow_scale * log sigmoid(.), a direct per-sentence "which words" channel
+        if cfg.bow_head:
+            self.bow_mlp = nn.Sequential(nn.Linear(cfg.latent_dim, D), nn.GELU(), nn.Linear(D, D), nn.LayerNorm(D))
+            self.bow_bias = nn.Parameter(torch.zeros(vocab_size))
+            self.bow_scale = nn.Parameter(torch.zeros(()))
+        else:
+            self.bow_mlp = None
 
         self.initialize_weights(pretrained if _is_hf_model(pretrained) else None, encoder_ids)
 
@@ -168,6 +178,10 @@ class Decoder(nn.Module):
         else:
             nn.init.zeros_(self.final.linear.weight)
             nn.init.zeros_(self.final.linear.bias)
+        if self.bow_mlp is not None:
+            # presence prior ~ 25 tokens out of V before training; the scale starts at 0 (no effect at step 0)
+            nn.init.constant_(self.bow_bias, -math.log(max(2.0, self.vocab_size / 25.0)))
+            nn.init.zeros_(self.bow_scale)
         if pretrained is not None:
             self._copy_pretrained(pretrained, encoder_ids)
 
@@ -218,6 +232,12 @@ class Decoder(nn.Module):
         self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states after the last block (B, L, D), prefix dropped, and the condition c (B, D)."""
+        h, c, _ = self._hidden(x_t, t, z, uncond)
+        return h, c
+
+    def _hidden(
+        self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L = x_t.shape
         if L > self.max_length:
             raise ValueError(f"sequence length {L} exceeds the decoder's max_length {self.max_length}")
@@ -238,7 +258,7 @@ class Decoder(nn.Module):
             rope = (self.rope_cos[: P + L], self.rope_sin[: P + L])
         for block in self.blocks:
             h = block(h, c, rope)
-        return h[:, P:], c
+        return h[:, P:], c, z
 
     def forward(
         self,
@@ -250,5 +270,16 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """x_t (B, L) long, t (B,) in [0, 1], z (B, Dz), uncond (B,) bool, select (B, L) bool ->
         logits (B, L, V), or (N, V) for the N selected positions in row-major order."""
-        h, c = self.hidden(x_t, t, z, uncond)
-        return self.final(h, c, select, self.tok_emb.weight if self.tie_embeddings else None)
+        h, c, z_eff = self._hidden(x_t, t, z, uncond)
+        logits = self.final(h, c, select, self.tok_emb.weight if self.tie_embeddings else None)
+        if self.bow_mlp is None:
+            return logits
+        prior = F.logsigmoid(self.bow_logits(z_eff).float())  # (B, V) log P(token in sentence)
+        if select is None:
+            return logits + self.bow_scale * prior[:, None, :].to(logits.dtype)
+        rows = torch.arange(x_t.shape[0], device=x_t.device)[:, None].expand_as(select)[select]  # (N,)
+        return logits + self.bow_scale * prior[rows].to(logits.dtype)
+
+    def bow_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, Dz) -> (B, V) logits of each vocabulary token occurring in the sentence."""
+        return F.linear(self.bow_mlp(z), self.tok_emb.weight, self.bow_bias)
