@@ -13,19 +13,20 @@ RSS is its own:
           token lists and embeddings from prepare(cfg) when the embedding cache is already built; else the
           corpus' vocabulary and token lists with random unit vectors for e; else (no corpus) a synthetic
           20,000-id vocabulary and sentence lengths drawn like the fiction corpus' (mean about 24 tokens).
-          A few fixed batches from LengthBucketSampler are reused: each is run once under FlopCounterMode
-          (forward + backward, seeded) to count its model FLOPs, then the timed steps cycle through the same
-          batches with the same seeds, so the FLOPs of every timed step are known exactly. Warm-up steps are
-          not timed; batch building is not timed. Reports sentences/s, tokens/s (positions processed,
-          padding included), FLOPs per step, achieved GFLOP/s; the orchestrator divides by the bf16 peak (MFU).
+          A few fixed batches from LengthBucketSampler are reused, padded by data.pad_slack // 2 (the mean of
+          training's random slack): each is run once under FlopCounterMode (forward + backward, seeded) to count
+          its model FLOPs, then the timed steps cycle through the same batches with the same seeds, so the FLOPs
+          of every timed step are known exactly. Warm-up steps and batch building are not timed. Reports
+          sentences/s, tokens/s (positions processed, padding included), FLOPs per step, achieved GFLOP/s; the
+          orchestrator divides by the measured bf16 peak (MFU).
 - sample  sentences/s of the model (the trained checkpoint's EMA weights with --checkpoint, else a freshly
           initialised net) for MaskGIT, and for the score-entropy Euler and analytic samplers (the same network:
           the decoder does not know the process; an untrained net is fine for speed), at 4/8/16/32 steps, with
           CFG (scale 1.5, one batch of 2B per forward) and without (1.0), batch 1 and 64, through
           generation.decode_latents (sampler under the training precision's autocast + detokenisation).
           z is the posterior mean of real held-out sentences' encoder vectors; lengths come from the length
-          head with a checkpoint, else from the sentences' true token counts + EOS + data.pad_slack (what a
-          perfect length head gives). End-to-end: encode + sample + detokenise for a batch of 64 sentences at
+          head with a checkpoint, else from the sentences' true token counts + EOS + sampling.length_slack (what
+          a perfect length head gives). End to end: encode + sample + detokenise for a batch of 64 sentences at
           16 steps with CFG, through the SGDD API's encoder.
 - cache   the embedding cache build rate: N sentences (default 2000) of the config's corpus encoded by
           embed_cache.load_or_build_embeddings into a temporary cache folder (the cache's own code path:
@@ -275,7 +276,7 @@ def part_train(args: argparse.Namespace, sizes: Sizes) -> dict:
     cfg, net = build_fresh_net(cfg, material)
     process = build_process(cfg)
     tc = cfg.training
-    step_module = TrainStep(net, process, material.vocab.PAD)
+    step_module = TrainStep(net, process, material.vocab.PAD, cfg.model.bow_weight)
     # as training.train builds it (fused AdamW)
     optimizer = torch.optim.AdamW(
         param_groups(net, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8, fused=True
@@ -292,7 +293,9 @@ def part_train(args: argparse.Namespace, sizes: Sizes) -> dict:
     batches = []
     for j, idx in zip(range(sizes.train_batches), iter(bucket), strict=False):
         idx = list(idx)
-        x0 = make_batch([material.tokens[i] for i in idx], cfg.data.max_length, cfg.data.pad_slack)  # (B, L)
+        # training draws the slack from U{0..pad_slack} per batch; the benchmark uses its mean
+        toks = [material.tokens[i] for i in idx]
+        x0 = make_batch(toks, cfg.data.max_length, cfg.data.pad_slack // 2)  # (B, L)
         batches.append((x0, batch_vectors(material, idx, seed=j)))
     klw = cfg.model.kl_weight
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
@@ -424,7 +427,7 @@ def part_sample(args: argparse.Namespace, sizes: Sizes) -> dict:
             lengths = choose_lengths(net, z, cfg)
         else:
             true = [len(vocab.encode(t)[: cfg.data.max_length - 1]) + 1 for t in texts]  # tokens + EOS
-            lengths = (torch.tensor(true) + cfg.data.pad_slack).clamp(min=2, max=cfg.data.max_length)
+            lengths = (torch.tensor(true) + cfg.sampling.length_slack).clamp(min=2, max=cfg.data.max_length)
 
     def decode(kcfg, sampler, process, start: int, B: int, scale: float, seed: int) -> None:
         rows = slice(start, start + B)
