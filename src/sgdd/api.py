@@ -67,6 +67,8 @@ class SGDD:
         tokenizer = _load_tokenizer(cfg)
         vocab = Vocab.load(ckpt.vocab_path, tokenizer)
         net = SGDDNet(cfg, len(vocab), encoder_dim, pretrained=None, encoder_ids=vocab.encoder_ids)
+        if ckpt.ema_state is not None:  # check both weight files against the config, not only the one used
+            load_weights_into(net, ckpt.model_state, str(ckpt.path / "model.safetensors"))
         load_weights_into(net, ckpt.weights(ema), str(ckpt.path))
         return cls(cfg, net.to(device), vocab, device, source=ckpt.path)
 
