@@ -279,7 +279,7 @@ def part_train(args: argparse.Namespace, sizes: Sizes) -> dict:
     step_module = TrainStep(net, process, material.vocab.PAD, cfg.model.bow_weight)
     # as training.train builds it (fused AdamW)
     optimizer = torch.optim.AdamW(
-        param_groups(net, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8, fused=True
+        param_groups(net, tc.weight_decay, tc.pretrained_lr_scale), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8, fused=True
     )
     ema = EMA(net, tc.ema_decay)
     net.train()

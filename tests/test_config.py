@@ -108,3 +108,18 @@ def test_config_sections_are_dataclasses():
     cfg = load_config(None)
     for f in dataclasses.fields(cfg):
         assert dataclasses.is_dataclass(getattr(cfg, f.name))
+
+
+def test_override_into_an_empty_yaml_section(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\ntraining:\n  max_steps: 5\n", encoding="utf-8")
+    cfg = load_config(p, ["model.num_layers=2"])
+    assert cfg.model.num_layers == 2 and cfg.training.max_steps == 5
+    p.write_text("model: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="model"):
+        load_config(p, ["model.num_layers=2"])
+
+
+def test_betas_must_be_two_numbers():
+    with pytest.raises(ConfigError, match="betas"):
+        load_config(None, ["training.betas=[0.9]"])

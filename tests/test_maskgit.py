@@ -9,6 +9,7 @@ from sgdd.sampling.base import SAMPLERS
 from sgdd.sampling.maskgit import (
     MaskGITSampler,
     choose_tokens,
+    duplicate_predictions,
     filter_logits,
     masked_count,
     ranks_in_rows,
@@ -329,3 +330,51 @@ def test_with_the_real_masked_process():
     # times fall as the sentence fills in; the null rows see the same time as their conditional rows
     assert all(torch.equal(t[:3], t[3:]) for t in seen_t)
     assert (seen_t[0][:3] > seen_t[-1][:3]).all()
+
+
+def test_duplicate_predictions_keep_the_most_confident_copy():
+    pred = torch.tensor([[5, 5, 7, 5, 0, 0], [4, 4, 4, 6, 6, 3]])
+    mask = torch.tensor([[True, True, True, False, True, True], [True, True, True, True, True, True]])
+    score = torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.3, 0.3], [0.2, 0.2, 0.1, 0.4, 0.8, 0.0]], dtype=torch.float64)
+    dup = duplicate_predictions(pred, mask, score, exempt=PAD)
+    # row 0: position 0 loses to 1 (position 3 is not masked); PAD (positions 4, 5) is exempt
+    # row 1: tie between 0 and 1 -> the earlier wins; 2 loses; 3 loses to 4
+    assert dup.tolist() == [[True, False, False, False, False, False], [False, True, True, True, False, False]]
+
+
+def test_dedupe_commits_one_copy_of_a_token_per_step():
+    """Four positions confidently predict token 5, four others weakly predict distinct tokens. Without dedupe a
+    step commits several fives at once; with it, one five per step and the weaker positions fill the rest."""
+    B, Lr, K = 2, 8, 4
+    target = torch.tensor([5, 5, 5, 5, 6, 7, 8, 9]).expand(B, Lr)
+    margin = torch.tensor([4.0, 4.1, 4.2, 4.3, 1.0, 1.1, 1.2, 1.3]).expand(B, Lr)
+    for dedupe in (True, False):
+        cfg = make_cfg(steps=K, cfg_scale=1.0, dedupe=dedupe)
+        states = []
+        out = SAMPLERS.get("maskgit")(cfg).sample(TargetModel(target, margin), FakeProcess(), torch.zeros(B, 4),
+                                                  torch.full((B,), Lr), 1.0,
+                                                  callback=lambda k, x, acc=states: acc.append(x.clone()))
+        assert torch.equal(out, target) and len(states) == K
+        before = [torch.full((B, Lr), MASK)] + states[:-1]
+        new_fives = [int(((s == 5) & (p == MASK)).sum(1).max()) for p, s in zip(before, states, strict=True)]
+        if dedupe:
+            assert new_fives == [1, 1, 1, 1]
+        else:
+            assert max(new_fives) > 1
+
+
+def test_defer_end_commits_pad_and_eos_last():
+    """Confident PAD / EOS predictions at the tail: by default they are committed first; with defer_end every
+    content prediction is committed before them."""
+    B, Lr, K = 1, 8, 4
+    target = torch.tensor([[6, 7, 8, 9, EOS, PAD, PAD, PAD]])
+    margin = torch.tensor([[1.0, 1.1, 1.2, 1.3, 5.0, 5.1, 5.2, 5.3]])
+    for defer, content_first in ((False, False), (True, True)):
+        states = []
+        out = SAMPLERS.get("maskgit")(make_cfg(steps=K, cfg_scale=1.0, defer_end=defer)).sample(
+            TargetModel(target, margin), FakeProcess(), torch.zeros(B, 4), torch.full((B,), Lr), 1.0,
+            callback=lambda k, x, acc=states: acc.append(x.clone()))
+        assert torch.equal(out, target)
+        first_end = next(i for i, x in enumerate(states) if ((x == EOS) | (x == PAD)).any())
+        last_content = max(i for i, x in enumerate(states) if ((x >= 6) & (x != MASK)).sum() < 4) + 1
+        assert (first_end >= last_content) == content_first

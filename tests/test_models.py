@@ -190,7 +190,7 @@ def test_select_returns_the_rows_of_the_full_output(tied):
 
 
 def test_untied_output_layer_starts_at_zero_logits():
-    dec = Decoder(tiny_cfg(tie_embeddings=False), V, L)
+    dec = Decoder(tiny_cfg(tie_embeddings=False, bow_head=False), V, L)
     x, t, z = inputs()
     assert torch.equal(dec(x, t, z), torch.zeros(3, L, V))
 
@@ -331,3 +331,25 @@ def test_xlm_roberta_layout_is_copied_exactly():
         h, _ = dec.hidden(x, t, z)
         ref = hf(input_ids=torch.tensor(ids)[x]).last_hidden_state
     assert torch.allclose(h, ref, atol=1e-5)
+
+
+def test_bow_prior_is_added_with_its_scale_and_shifted_for_visible_tokens():
+    """logits = decoder logits + bow_scale * log sigmoid(presence + bow_seen * [token visible in x_t]); PAD and
+    MASK never count as visible."""
+    dec = Decoder(tiny_cfg(bow_scale_init=1.0, bow_seen_init=-3.0), V, L).eval()
+    perturb_modulation(dec)
+    x, t, z = inputs()
+    x[:, :3] = torch.tensor([0, 1, 7])  # PAD, MASK and token 7 visible in every row
+    with torch.no_grad():
+        full = dec(x, t, z)
+        presence = dec.bow_logits(z)  # (B, V)
+        prior = dec.bow_prior(z, x)
+        dec.bow_scale.zero_()
+        plain = dec(x, t, z)
+    assert torch.allclose(full - plain, prior[:, None, :], atol=1e-5)
+    visible = torch.zeros(3, V, dtype=torch.bool).scatter_(1, x, True)
+    visible[:, :2] = False
+    expected = torch.nn.functional.logsigmoid(presence - 3.0 * visible.float())
+    assert torch.allclose(prior, expected, atol=1e-6)
+    assert visible[:, 7].all() and not visible[:, 0].any() and not visible[:, 1].any()
+    assert (prior[:, 7] < torch.nn.functional.logsigmoid(presence[:, 7])).all()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_train_overrides
@@ -137,3 +138,75 @@ def test_ddp_two_cpu_processes(tmp_path, real_sentences):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ck = load_checkpoint(tmp_path / "d" / "checkpoints" / "tiny" / "latest", with_train_state=True)
     assert ck.meta["step"] == 3
+
+
+def test_latent_pretraining_fits_the_bow_head_and_leaves_the_transformer_alone(tmp_path, real_sentences):
+    """pretrain_latent moves only the VIB and the bag-of-words head, and lowers the bag-of-words loss on the
+    sentences it trained on."""
+    from sgdd.embed_cache import prepare
+    from sgdd.training import bow_loss, build_net, pretrain_latent
+
+    cfg = load_config(None, tiny_train_overrides(tmp_path, real_sentences[:64], **{
+        "training.latent_pretrain_steps": 60, "training.latent_pretrain_batch": 32,
+        "training.latent_pretrain_lr": 3e-3, "model.kl_weight": 0.0}))
+    data = prepare(cfg)
+    torch.manual_seed(0)
+    net = build_net(cfg, len(data.vocab), data.encoder_dim, data.vocab.encoder_ids)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    from sgdd.data import make_batch
+
+    x0 = make_batch(data.train_tokens, cfg.data.max_length)
+    e = torch.tensor(np.array(data.train_emb), dtype=torch.float32)
+
+    def measured() -> float:
+        net.eval()
+        with torch.no_grad():
+            z, _ = net.vib(e)
+            return float(bow_loss(net.decoder, z, x0, data.vocab.PAD)[0])
+
+    loss0 = measured()
+    out = pretrain_latent(net, data.train_tokens, data.train_emb, data.vocab.PAD, cfg, torch.device("cpu"), seed=0)
+    loss1 = measured()
+    assert loss1 < 0.7 * loss0, (loss0, loss1)
+    assert math.isfinite(out["pretrain/bow_loss"]) and 0.0 <= out["pretrain/bow_recall"] <= 1.0
+    after = net.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved, "nothing was trained"
+    assert all(k.startswith(("vib.", "decoder.bow_", "length_head.")) for k in moved), sorted(moved)
+    assert any(k.startswith("vib.") for k in moved) and "decoder.bow_emb" in moved
+
+
+def test_latent_pretraining_time_counts_towards_the_budget(tmp_path, real_sentences):
+    """A wall-clock budget shorter than the latent pre-training leaves no time for decoder steps."""
+    cfg = load_config(None, tiny_train_overrides(tmp_path, real_sentences[:48], **{
+        "training.latent_pretrain_steps": 400, "training.latent_pretrain_batch": 16,
+        "training.max_minutes": 0.002, "training.max_steps": 1000}))
+    result = train(cfg)
+    ck = load_checkpoint(result.run_dir / "latest", with_train_state=True)
+    assert ck.train_state["elapsed"] >= 0.12  # 0.002 minutes
+    assert result.step == 0
+
+
+def test_param_groups_split_pretrained_weights_and_decay():
+    from sgdd.config import Config
+    from sgdd.training import build_net, is_pretrained_param, param_groups
+
+    cfg = Config()
+    cfg.model.init_from, cfg.model.hidden_size, cfg.model.num_heads, cfg.model.num_layers = "scratch", 32, 4, 2
+    cfg.model.latent_dim, cfg.data.max_length = 8, 12
+    net = build_net(cfg, 30, 16, None)
+    names = dict(net.named_parameters())
+    assert is_pretrained_param("decoder.blocks.1.attn.qkv.weight")
+    assert is_pretrained_param("decoder.tok_emb.weight") and is_pretrained_param("decoder.pos_emb")
+    assert not is_pretrained_param("decoder.blocks.1.adaLN_modulation.1.weight")
+    assert not is_pretrained_param("decoder.bow_emb") and not is_pretrained_param("vib.mu.weight")
+    groups = param_groups(net, 0.01, pretrained_lr_scale=0.25)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert len(by_id) == len(names)  # every parameter exactly once
+    for name, p in names.items():
+        g = by_id[id(p)]
+        assert g["lr_scale"] == (0.25 if is_pretrained_param(name) else 1.0), name
+        no_decay = p.ndim < 2 or name.endswith(("tok_emb.weight", "pos_emb", "bow_emb", "z_null"))
+        assert (g["weight_decay"] == 0.0) == no_decay, name
+    assert {g["lr_scale"] for g in param_groups(net, 0.01)} == {1.0}

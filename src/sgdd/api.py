@@ -157,19 +157,19 @@ class SGDD:
         return self._rerank(texts, e, mu, cfg, K, seed)
 
     def _rerank(self, texts, e, mu, cfg: Config, K: int, seed: int) -> list[str]:
-        """Candidates: the default decode, then decodes at other quantiles of the length head's distribution
-        with annealed Gumbel confidence noise; the frozen encoder picks the one closest to the input vector."""
+        """Candidates: the default decode, then K - 1 decodes per input at other quantiles of the length head's
+        distribution with annealed Gumbel confidence noise, all K - 1 in one batched sampler run (input-major
+        rows); the frozen encoder picks the candidate closest to the input vector."""
         from sgdd.sampling.rerank import pick_best
 
         B = mu.shape[0]
         quantiles = torch.linspace(0.15, 0.95, K - 1).tolist()
         noisy = dataclasses.replace(cfg, sampling=dataclasses.replace(
             cfg.sampling, gumbel_noise=max(cfg.sampling.gumbel_noise, 1.0)))
-        cands: list[list[str]] = [[] for _ in range(B)]
-        for k in range(K):
-            kcfg, lengths = (cfg, None) if k == 0 else (noisy, choose_lengths(self.net, mu, cfg, quantiles[k - 1]))
-            for i, s in enumerate(self._decode(mu, kcfg, seed + k, lengths=lengths)):
-                cands[i].append(s)
+        plain = self._decode(mu, cfg, seed)
+        lengths = torch.stack([choose_lengths(self.net, mu, cfg, q) for q in quantiles], dim=1)  # (B, K - 1)
+        flat = self._decode(mu.repeat_interleave(K - 1, 0), noisy, seed + 1, lengths=lengths.reshape(-1))
+        cands = [[plain[i], *flat[i * (K - 1) : (i + 1) * (K - 1)]] for i in range(B)]
         chosen, _ = pick_best(cands, e.float().cpu(), lambda xs: self.encoder.encode(xs).float().cpu())
         return chosen
 
@@ -211,11 +211,9 @@ def _encoder_dim_from_state(state: dict[str, torch.Tensor]) -> int:
 
 
 def _load_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
+    from sgdd.encoders import load_tokenizer
 
-    from sgdd.encoders import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(str(resolve_model_path(cfg.encoder.name)))
+    return load_tokenizer(cfg.encoder)  # one clear error when the hub is unreachable
 
 
 __all__ = ["SGDD", "InputError", "check_texts"]

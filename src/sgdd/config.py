@@ -36,12 +36,21 @@ class ModelConfig:
     positions: str = "learned"  # learned | rope | both
     latent_dim: int = 256  # VIB latent size D_z
     prefix_tokens: int = 0  # z also enters as this many prefix tokens (0 = AdaLN only)
+    # z also enters the input of every [MASK] position through a per-position linear map (zero at init): each
+    # hidden position starts from its own guess of its token instead of the shared [MASK] embedding
+    z_positions: bool = False
     tie_embeddings: bool = True  # output layer shares the token embedding matrix
     length_head: bool = True  # predict the sentence length from z (used by samplers with length=predict)
     # bag-of-words head: z -> which vocabulary tokens the sentence contains (multi-label, trained with BCE);
     # its log-probabilities are added, with a learned scale, to the decoder's logits at every position
     bow_head: bool = True
     bow_weight: float = 1.0  # weight of the bag-of-words BCE (per target token) in the training loss
+    # initial weight of the bag-of-words log-prior in the decoder's logits (learned; 1.0 = a product of experts
+    # from step 0, sensible with training.latent_pretrain_steps > 0; 12-minute runs: see bench/RESULTS.md)
+    bow_scale_init: float = 0.0
+    # presence-logit offset (per token, learned) for tokens already visible in x_t: "will it occur again?" is
+    # less likely than "does it occur?"; 0 = none
+    bow_seen_init: float = 0.0
     kl_weight: float = 1.0e-3
     kl_warmup_steps: int = 1000
     cond_dropout: float = 0.1  # probability of replacing z by the learned null condition (CFG training)
@@ -102,6 +111,7 @@ class TrainingConfig:
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 5.0e-4
+    pretrained_lr_scale: float = 1.0  # LR factor for the weights copied from the encoder (init_from: encoder)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -123,6 +133,12 @@ class TrainingConfig:
     final_eval: bool = True  # run evaluation at the end of train.py and print BLEU + examples
     final_eval_sentences: int = 200
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
+    # latent pre-training: before the decoder trains, the VIB and the bag-of-words head alone are fitted on the
+    # cached vectors (no transformer in the step: ~50x the decoder's sentences/s). Its time counts towards
+    # max_minutes. 0 = off.
+    latent_pretrain_steps: int = 0
+    latent_pretrain_batch: int = 512
+    latent_pretrain_lr: float = 2.0e-3
 
 
 @dataclass
@@ -136,6 +152,10 @@ class SamplingConfig:
     greedy: bool = True  # argmax tokens (reconstruction); False samples
     gumbel_noise: float = 0.0  # annealed Gumbel noise on confidences (MaskGIT), 0 = none
     remask: float = 0.0  # fraction of low-confidence decoded tokens re-masked per step (MaskGIT)
+    # MaskGIT: a step commits at most one position per predicted token id in a row (the most confident; PAD
+    # exempt); the others stay masked for a later step, which then sees the first copy
+    dedupe: bool = False
+    defer_end: bool = False  # MaskGIT: commit PAD / EOS predictions only after every content prediction
     length: str = "predict"  # predict (length head quantile + length_slack) | max (always data.max_length)
     length_quantile: float = 0.8  # decode this quantile of the length head's distribution ...
     length_slack: int = 2  # ... plus this many spare positions (the model ends the sentence itself)
@@ -268,7 +288,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             cls = typing.get_type_hints(cls)[part]
             if not dataclasses.is_dataclass(cls):
                 raise ConfigError(f"override '{text}': '{'.'.join(path[: i + 1])}' is not a section")
-            node = node.setdefault(part, {}) if isinstance(node.get(part), dict) or part not in node else node[part]
+            if node.get(part) is None:  # absent, or an empty section in the YAML (`model:` with nothing under it)
+                node[part] = {}
+            elif not isinstance(node[part], dict):
+                raise ConfigError(f"override '{text}': '{'.'.join(path[: i + 1])}' in the config is not a mapping")
+            node = node[part]
         node[path[-1]] = value
     return data
 
@@ -360,12 +384,19 @@ def validate_config(cfg: Config, where: str = "config") -> None:
         "model.num_layers": cfg.model.num_layers,
         "model.latent_dim": cfg.model.latent_dim,
         "encoder.batch_size": cfg.encoder.batch_size,
+        "training.latent_pretrain_batch": cfg.training.latent_pretrain_batch,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}: {key} must be positive, got {value}")
     if cfg.data.min_tokens >= cfg.data.max_length:
         raise ConfigError(f"{where}: data.min_tokens ({cfg.data.min_tokens}) must be below data.max_length")
+    if cfg.training.latent_pretrain_steps < 0:
+        raise ConfigError(f"{where}: training.latent_pretrain_steps must be >= 0 (0 = off)")
+    if cfg.training.latent_pretrain_steps > 0 and not cfg.model.bow_head:
+        raise ConfigError(f"{where}: training.latent_pretrain_steps > 0 needs model.bow_head = true (it fits that head)")
+    if len(cfg.training.betas) != 2:
+        raise ConfigError(f"{where}: training.betas must be two numbers, e.g. [0.9, 0.98]; got {cfg.training.betas}")
     if not 0.0 <= cfg.model.cond_dropout < 1.0:
         raise ConfigError(f"{where}: model.cond_dropout must be in [0, 1), got {cfg.model.cond_dropout}")
     if cfg.data.source in ("text", "disk") and not cfg.data.path:

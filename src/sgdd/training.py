@@ -64,18 +64,37 @@ def kl_weight_at(step: int, weight: float, warmup_steps: int) -> float:
     return weight * min(1.0, step / warmup_steps)
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, embeddings (and tied output weights)."""
-    decay, no_decay, seen = [], [], set()
+PRETRAINED_PARTS = ("decoder.tok_emb.", "decoder.pos_emb", "decoder.emb_norm.")
+PRETRAINED_BLOCK_PARTS = (".attn.", ".mlp.", ".norm1.", ".norm2.")
+
+
+def is_pretrained_param(name: str) -> bool:
+    """Parameters that init_from: encoder copies from the frozen encoder (token and position embeddings, the
+    embedding LayerNorm, the blocks' attention / MLP / LayerNorms); not the new AdaLN, conditioning and heads."""
+    if name.startswith(PRETRAINED_PARTS):
+        return True
+    return name.startswith("decoder.blocks.") and any(part in name for part in PRETRAINED_BLOCK_PARTS)
+
+
+def param_groups(
+    module: nn.Module, weight_decay: float, pretrained_lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """AdamW groups. No weight decay on biases, norms, scalars, embedding tables (token, position,
+    bag-of-words: the tied output weights among them) and the null condition. With pretrained_lr_scale != 1
+    the parameters copied from the encoder (is_pretrained_param) get their own groups; every group carries
+    `lr_scale`, the factor the loop applies to the scheduled learning rate."""
+    groups: dict[tuple[bool, float], list] = {}
+    seen = set()
     for name, p in module.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.ndim < 2 or "embed" in name or "null" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        leaf = name.rsplit(".", 2)[-2:]  # e.g. ["tok_emb", "weight"] or ["decoder", "pos_emb"]
+        decay = not (p.ndim < 2 or any(part.endswith(("_emb", "_pos", "_null")) for part in leaf))
+        scale = pretrained_lr_scale if is_pretrained_param(name) else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), ps in groups.items()]
 
 
 class EMA:
@@ -110,6 +129,82 @@ class EMA:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the bag-of-words term and the latent pre-training that fits it alone
+
+
+def bow_loss(decoder, z: torch.Tensor, x0: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, float]:
+    """Bag-of-words BCE per target token and the recall of the sentence's tokens among the top-|sentence|
+    predictions. z (B, Dz); x0 (B, L) padded targets: the multi-hot target holds every id in the row (EOS
+    included) except PAD."""
+    B, V = x0.shape[0], decoder.vocab_size
+    target = torch.zeros(B, V, device=x0.device)
+    target.scatter_(1, x0, 1.0)
+    target[:, pad_id] = 0.0
+    counts = target.sum(1, keepdim=True)  # (B, 1) distinct tokens per sentence
+    n_pos = counts.sum().clamp(min=1.0)
+    logits = decoder.bow_logits(z).float()  # (B, V)
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n_pos
+    with torch.no_grad():
+        k = int(counts.max().item())
+        hit = target.gather(1, logits.topk(k, dim=1).indices)  # (B, k)
+        recall = float((hit * (torch.arange(k, device=x0.device)[None, :] < counts)).sum() / n_pos)
+    return loss, recall
+
+
+def pretrain_latent(
+    net, train_tokens, train_emb, pad_id: int, cfg: Config, device: torch.device, seed: int
+) -> dict:
+    """Fit the VIB, the bag-of-words head and the length head alone on the cached vectors for training.latent_pretrain_steps
+    steps of latent_pretrain_batch sentences (AdamW, constant LR after a short warm-up, bf16 autocast, full KL
+    weight). No transformer runs, so a step costs a small fraction of a decoder step: the "which words" part of
+    the problem gets many more sentences than the decoder could see in the same time. Deterministic given the
+    seed (every DDP rank computes the same result). Returns summary metrics."""
+    from sgdd.data import make_batch
+
+    tc = cfg.training
+    dec = net.decoder
+    head = getattr(net, "length_head", None)
+    params = [*net.vib.parameters(), *dec.bow_mlp.parameters(), dec.bow_emb, dec.bow_bias]
+    if head is not None:
+        params += list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.latent_pretrain_lr, betas=tuple(tc.betas), weight_decay=0.0)
+    gen = np.random.default_rng(seed)
+    N, B = len(train_tokens), min(tc.latent_pretrain_batch, len(train_tokens))
+    warmup = max(1, tc.latent_pretrain_steps // 20)
+    perm, pos = gen.permutation(N), 0
+    t0 = time.monotonic()
+    net.train()
+    loss_f = recall = kl_f = float("nan")
+    for step in range(tc.latent_pretrain_steps):
+        if pos + B > N:
+            perm, pos = gen.permutation(N), 0
+        idx = np.sort(perm[pos : pos + B])
+        pos += B
+        x0 = make_batch([train_tokens[i] for i in idx], cfg.data.max_length).to(device)
+        e = torch.as_tensor(train_emb[idx], dtype=torch.float32, device=device)
+        for g in opt.param_groups:
+            g["lr"] = tc.latent_pretrain_lr * min(1.0, (step + 1) / warmup)
+        with autocast_ctx(tc.precision, device):
+            z, kl = net.vib(e)
+            loss, recall = bow_loss(dec, z, x0, pad_id)
+            total = loss + cfg.model.kl_weight * kl.mean()
+            if head is not None:  # as in TrainStep: the length head reads the detached posterior mean
+                mu, _ = net.vib.posterior(e)
+                total = total + F.cross_entropy(head(mu.detach().float()), (x0 != pad_id).sum(dim=1))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        opt.step()
+        loss_f, kl_f = float(loss.detach()), float(kl.mean().detach())
+        if (step + 1) % max(1, tc.latent_pretrain_steps // 10) == 0:
+            log.info("latent pre-training %d/%d | bow_loss %.4f | bow_recall %.3f | kl %.1f | %.0f sent/s",
+                     step + 1, tc.latent_pretrain_steps, loss_f, recall, kl_f,
+                     (step + 1) * B / max(1e-9, time.monotonic() - t0))
+    return {"pretrain/bow_loss": loss_f, "pretrain/bow_recall": recall, "pretrain/kl": kl_f,
+            "pretrain/seconds": time.monotonic() - t0}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the module DDP wraps
 
 
@@ -132,22 +227,10 @@ class TrainStep(nn.Module):
         metrics["kl"] = float(kl_mean.detach())
         dec = self.net.decoder
         if getattr(dec, "bow_mlp", None) is not None:
-            # multi-hot (B, V) of the sentence's tokens (EOS included, PAD / MASK not): BCE per target token
-            B, V = x0.shape[0], dec.vocab_size
-            target = torch.zeros(B, V, device=x0.device)
-            target.scatter_(1, x0, 1.0)
-            target[:, self.pad_id] = 0.0
-            n_pos = target.sum().clamp(min=1.0)
-            bow = dec.bow_logits(z).float()
-            bow_loss = F.binary_cross_entropy_with_logits(bow, target, reduction="sum") / n_pos
-            total = total + self.bow_weight * bow_loss
-            metrics["bow_loss"] = float(bow_loss.detach())
-            with torch.no_grad():  # recall of the sentence's tokens among the top-|sentence| predictions
-                k = int(target.sum(1).max().item())
-                top = bow.topk(k, dim=1).indices
-                hit = target.gather(1, top)
-                rank_ok = torch.arange(k, device=x0.device)[None, :] < target.sum(1, keepdim=True)
-                metrics["bow_recall"] = float((hit * rank_ok).sum() / n_pos)
+            bow, recall = bow_loss(dec, z, x0, self.pad_id)
+            total = total + self.bow_weight * bow
+            metrics["bow_loss"] = float(bow.detach())
+            metrics["bow_recall"] = recall
         head = getattr(self.net, "length_head", None)
         if head is not None:
             target = (x0 != self.pad_id).sum(dim=1)  # (B,) tokens incl. EOS
@@ -289,11 +372,16 @@ class TrainResult:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():  # masking draws on the batch's device
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
 
 
@@ -329,6 +417,11 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         cfg = dataclasses.replace(cfg, model=ckpt.config.model)
     net = build_net(cfg, len(vocab), data.encoder_dim, vocab.encoder_ids, pretrained).to(device)
     del pretrained
+    pretrain_metrics, pretrain_seconds = {}, 0.0
+    if ckpt is None and cfg.training.latent_pretrain_steps > 0:
+        pretrain_metrics = pretrain_latent(net, data.train_tokens, data.train_emb, vocab.PAD, cfg, device,
+                                           seed=cfg.training.seed)
+        pretrain_seconds = pretrain_metrics["pretrain/seconds"]
     process = build_process(cfg)
     sampler = build_sampler(cfg)
     step_module = TrainStep(net, process, vocab.PAD, cfg.model.bow_weight).to(device)
@@ -340,8 +433,9 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
 
     tc = cfg.training
     # fused AdamW: one kernel for all parameters instead of a Python loop over them
-    optimizer = torch.optim.AdamW(param_groups(net, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8,
-                                  fused=True)
+    lr_scale = tc.pretrained_lr_scale if cfg.model.init_from == "encoder" else 1.0
+    optimizer = torch.optim.AdamW(param_groups(net, tc.weight_decay, lr_scale), lr=tc.lr, betas=tuple(tc.betas),
+                                  eps=1e-8, fused=True)
     ema = EMA(net, tc.ema_decay)
     bucket = LengthBucketSampler(
         [len(t) for t in data.train_tokens],
@@ -351,7 +445,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         rank=d.rank,
         world_size=d.world,
     )
-    step, elapsed_before, best_bleu = 0, 0.0, -1.0
+    step, elapsed_before, best_bleu = 0, pretrain_seconds, -1.0  # the pre-training counts towards max_minutes
     if ckpt is not None:
         load_weights_into(net, ckpt.model_state, str(ckpt.path))
         ts = ckpt.train_state
@@ -369,6 +463,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         log.info("model: %.1fM parameters, vocabulary %d, encoder dim %d, %d training sentences",
                  n_params / 1e6, len(vocab), data.encoder_dim, len(data.train_tokens))
     tracker = Tracker(cfg, enabled=d.main)
+    if pretrain_metrics:
+        tracker.log(pretrain_metrics, 0)
 
     # fixed validation material
     val_batches = []
@@ -386,10 +482,9 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     def _on_signal(signum, frame):
         stop["signal"] = signum
 
-    old_handlers = {}
-    if d.main or d.world == 1:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            old_handlers[s] = signal.signal(s, _on_signal)
+    # every rank records the signal (torchrun forwards SIGTERM to all of them); the ranks agree to stop through
+    # any_rank at the top of the next step, and rank 0 saves latest/
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def save(kind: str, metrics: dict | None = None) -> None:
         if not d.main:
@@ -454,7 +549,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
             progress = max(step / tc.max_steps, elapsed / budget_s if budget_s > 0 else 0.0)
             lr = tc.lr * lr_factor(step, progress, tc.warmup_steps, tc.min_lr_ratio)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             klw = kl_weight_at(step, cfg.model.kl_weight, cfg.model.kl_warmup_steps)
             optimizer.zero_grad(set_to_none=True)
             step_loss, step_metrics, ok = 0.0, {}, True
@@ -587,7 +682,8 @@ def train_and_report(cfg: Config) -> TrainResult:
     best = result.run_dir / "best"
     ckpt_dir = best if best.exists() else result.run_dir / "latest"
     model = SGDD.from_pretrained(ckpt_dir)
-    valid = load_corpus(model.cfg.data).valid[: cfg.training.final_eval_sentences]
+    # the whole config: held-out sentences measured with the run's own encoder tokenizer, train set not reloaded
+    valid = load_corpus(model.cfg, valid_only=True).valid[: cfg.training.final_eval_sentences]
     report = evaluate_reconstruction(model, valid)
     print_report(report)
     log.info("checkpoint: %s", ckpt_dir)

@@ -475,19 +475,14 @@ class ScoreEntropyProcess(Process):
             return self.graph(V).log_score(raw, sigma[select], x_t[select])
         return self.graph(V).log_score(raw, sigma, x_t)
 
-    def loss(self, model, x0, z, uncond=None):
-        """Diffusion-weighted DSE: per sequence sum over positions of sigma(t) DSE, t ~ U[eps, 1]; batch mean.
-
-        x0 (B, L) clean ids, z (B, Dz), uncond (B,) bool | None -> (loss scalar float32, metrics): loss (per
-        sequence), nll (per token), and for the absorbing graph mask_frac, acc, ce at masked positions; for the
-        uniform graph changed_frac. The absorbing graph runs the model's output layer only where x_t = MASK."""
+    def _per_sequence(self, model, x0, z, uncond, t, generator=None):
+        """One corruption of x0 (B, L) at times t (B,) -> (rate-weighted DSE summed per sequence (B,), metrics)."""
         B, L = x0.shape
         V = self.resolve_vocab_size(model, x0, z)
         graph = self.graph(V)
-        t = self.eps + (1.0 - self.eps) * torch.rand(B, device=x0.device)  # (B,)
         sigma, rate = self.noise(t)  # (B,), (B,)
         sigma_bl = sigma[:, None].expand(B, L)
-        x_t = graph.sample_transition(x0, sigma_bl)  # (B, L)
+        x_t = graph.sample_transition(x0, sigma_bl, generator)  # (B, L)
         metrics: dict[str, float] = {}
         if graph.absorbing_id is not None:
             select = x_t == graph.absorbing_id  # DSE is zero at unmasked positions
@@ -509,12 +504,33 @@ class ScoreEntropyProcess(Process):
             dse = graph.score_entropy(ls, sigma_bl, x_t, x0)  # (B, L)
             per_seq = (dse * rate[:, None]).sum(dim=1)
             metrics["changed_frac"] = float((x_t != x0).float().mean())
+        return per_seq, metrics
+
+    def loss(self, model, x0, z, uncond=None):
+        """Diffusion-weighted DSE: per sequence sum over positions of sigma(t) DSE, t ~ U[eps, 1]; batch mean.
+
+        x0 (B, L) clean ids, z (B, Dz), uncond (B,) bool | None -> (loss scalar float32, metrics): loss (per
+        sequence), nll (per token), and for the absorbing graph mask_frac, acc, ce at masked positions; for the
+        uniform graph changed_frac. The absorbing graph runs the model's output layer only where x_t = MASK."""
+        B, L = x0.shape
+        t = self.eps + (1.0 - self.eps) * torch.rand(B, device=x0.device)  # (B,)
+        per_seq, metrics = self._per_sequence(model, x0, z, uncond, t)
         loss = per_seq.mean()
         metrics["loss"] = float(loss.detach())  # per sequence
-        metrics["nll"] = (
-            metrics["loss"] / L
-        )  # per token: the NLL bound, comparable to the masked process's nll
+        metrics["nll"] = metrics["loss"] / L  # per token: the NLL bound, comparable to the masked process's nll
         return loss, metrics
+
+    @torch.no_grad()
+    def nll(self, model, x0: torch.Tensor, z: torch.Tensor, num_t: int = 8, seed: int = 0) -> torch.Tensor:
+        """Deterministic per-token NLL bound (B,): the time integral of the rate-weighted DSE over [eps, 1] by
+        the midpoint rule on num_t points, corruptions from a seeded generator (as MaskedProcess.nll)."""
+        B, L = x0.shape
+        gen = torch.Generator(device=x0.device).manual_seed(seed)
+        total = torch.zeros(B, device=x0.device)
+        for k in range(num_t):
+            t = torch.full((B,), self.eps + (1.0 - self.eps) * (k + 0.5) / num_t, device=x0.device)
+            total += self._per_sequence(model, x0, z, None, t, gen)[0].float()
+        return total * (1.0 - self.eps) / num_t / L
 
     def clean_logits(self, model, x_t, mask_ratio, z, uncond=None, select=None):
         """Absorbing graph only: logits of p(x_0 | x_t) (MASK at -inf), float32, (B, L, V) or (N, V).

@@ -1,7 +1,7 @@
 """The conditioned denoiser: (x_t, t, z) -> logits of the clean tokens.
 
     c = MLP(timestep_embedding(t)) + MLP(z')                     (B, D)   z' = z_null where uncond
-    h = LN_emb(tok_emb[x_t] + pos_emb[:L])                       (B, L, D)  (+ P prefix tokens from z')
+    h = LN_emb(tok_emb[x_t] + pos_emb[:L] (+ W_l z' at [MASK]s))  (B, L, D)  (+ P prefix tokens from z')
     h = block_k(h, c, rope) for each block                       AdaLN-Zero modulated by c
     logits = FinalLayer(h, c)[select]                            (B, L, V) or (N, V)
 
@@ -33,6 +33,7 @@ from sgdd.models.layers import DiTBlock, FinalLayer, PretrainedBlock, rope_table
 from sgdd.registry import ConfigError
 
 FREQ_DIM = 256  # sinusoidal timestep features before the MLP
+PAD_ID, MASK_ID = 0, 1  # decoder vocabulary contract (sgdd.data.Vocab)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ class Decoder(nn.Module):
         if self.num_prefix > 0:
             self.prefix_proj = nn.Linear(cfg.latent_dim, self.num_prefix * D)
             self.prefix_pos = nn.Parameter(torch.zeros(self.num_prefix, D))
+        # per-position map z -> (max_length, D) added at [MASK] inputs
+        self.z_pos = nn.Linear(cfg.latent_dim, max_length * D) if cfg.z_positions else None
         self.emb_norm = nn.LayerNorm(D, eps=arch.eps) if arch.kind == "pretrained" else nn.Identity()
         self.emb_drop = nn.Dropout(cfg.dropout)
 
@@ -132,12 +135,16 @@ class Decoder(nn.Module):
                 for _ in range(cfg.num_layers)
             )
         self.final = FinalLayer(D, D, vocab_size, cfg.tie_embeddings, arch.act, arch.eps)
-        # bag-of-words prior: z -> (B, V) presence logits through the token embeddings; added to the
+        # bag-of-words prior: z -> (B, V) presence logits against its own copy of the token embeddings (own:
+        # measured better than sharing the decoder's input table, which it would pull around); added to the
         # output logits as bow_scale * log sigmoid(.), a direct per-sentence "which words" channel
         if cfg.bow_head:
             self.bow_mlp = nn.Sequential(nn.Linear(cfg.latent_dim, D), nn.GELU(), nn.Linear(D, D), nn.LayerNorm(D))
+            self.bow_emb = nn.Parameter(torch.zeros(vocab_size, D))
             self.bow_bias = nn.Parameter(torch.zeros(vocab_size))
             self.bow_scale = nn.Parameter(torch.zeros(()))
+            self.bow_seen = nn.Parameter(torch.zeros(vocab_size))
+            self.bow_scale_init, self.bow_seen_init = cfg.bow_scale_init, cfg.bow_seen_init
         else:
             self.bow_mlp = None
 
@@ -170,6 +177,9 @@ class Decoder(nn.Module):
             nn.init.normal_(self.pos_emb, std=0.02)
         if self.num_prefix > 0:
             nn.init.normal_(self.prefix_pos, std=0.02)
+        if self.z_pos is not None:  # zero: the pretrained embedding of [MASK] at step 0
+            nn.init.zeros_(self.z_pos.weight)
+            nn.init.zeros_(self.z_pos.bias)
         for module in (*self.blocks, self.final):
             nn.init.zeros_(module.adaLN_modulation[-1].weight)
             nn.init.zeros_(module.adaLN_modulation[-1].bias)
@@ -178,12 +188,15 @@ class Decoder(nn.Module):
         else:
             nn.init.zeros_(self.final.linear.weight)
             nn.init.zeros_(self.final.linear.bias)
-        if self.bow_mlp is not None:
-            # presence prior ~ 25 tokens out of V before training; the scale starts at 0 (no effect at step 0)
-            nn.init.constant_(self.bow_bias, -math.log(max(2.0, self.vocab_size / 25.0)))
-            nn.init.zeros_(self.bow_scale)
         if pretrained is not None:
             self._copy_pretrained(pretrained, encoder_ids)
+        if self.bow_mlp is not None:
+            # presence prior ~ 25 tokens out of V before training (a constant: softmax-invariant in the decoder's
+            # logits); output rows start as the token embeddings (the pretrained ones when copied above)
+            nn.init.constant_(self.bow_bias, -math.log(max(2.0, self.vocab_size / 25.0)))
+            self.bow_emb.copy_(self.tok_emb.weight)
+            nn.init.constant_(self.bow_scale, self.bow_scale_init)
+            nn.init.constant_(self.bow_seen, self.bow_seen_init)
 
     def _copy_pretrained(self, pretrained, encoder_ids: list[int] | None) -> None:
         base = getattr(pretrained, "base_model", pretrained)
@@ -248,6 +261,9 @@ class Decoder(nn.Module):
         h = self.tok_emb(x_t)  # (B, L, D)
         if self.pos_emb is not None:
             h = h + self.pos_emb[:L]
+        if self.z_pos is not None:
+            zp = self.z_pos(z).view(B, self.max_length, -1)[:, :L]  # (B, L, D)
+            h = h + zp.to(h.dtype) * (x_t == MASK_ID).unsqueeze(-1).to(h.dtype)
         P = self.num_prefix
         if P > 0:
             prefix = self.prefix_proj(z).view(B, P, -1) + self.prefix_pos  # (B, P, D)
@@ -274,12 +290,21 @@ class Decoder(nn.Module):
         logits = self.final(h, c, select, self.tok_emb.weight if self.tie_embeddings else None)
         if self.bow_mlp is None:
             return logits
-        prior = F.logsigmoid(self.bow_logits(z_eff).float())  # (B, V) log P(token in sentence)
+        prior = self.bow_prior(z_eff, x_t)  # (B, V)
         if select is None:
             return logits + self.bow_scale * prior[:, None, :].to(logits.dtype)
         rows = torch.arange(x_t.shape[0], device=x_t.device)[:, None].expand_as(select)[select]  # (N,)
         return logits + self.bow_scale * prior[rows].to(logits.dtype)
 
+    def bow_prior(self, z: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """log P(token among the sentence's still-hidden tokens) (B, V) float32: log sigmoid of the presence
+        logits, shifted by the learned per-token `bow_seen` for tokens already visible in x_t (B, L)."""
+        s = self.bow_logits(z).float()  # (B, V)
+        seen = torch.zeros_like(s).scatter_(1, x_t, 1.0)
+        seen[:, PAD_ID] = 0.0  # PAD fills the tail many times over; MASK is never a target
+        seen[:, MASK_ID] = 0.0
+        return F.logsigmoid(s + seen * self.bow_seen.float())
+
     def bow_logits(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, Dz) -> (B, V) logits of each vocabulary token occurring in the sentence."""
-        return F.linear(self.bow_mlp(z), self.tok_emb.weight, self.bow_bias)
+        return F.linear(self.bow_mlp(z), self.bow_emb, self.bow_bias)

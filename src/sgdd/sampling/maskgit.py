@@ -13,6 +13,14 @@ drawn in float64. MASK is never predicted; PAD and EOS are (the model learns whe
 The process is told the fraction of the row's L = max(lengths) positions that are masked (the PAD tail
 counts as visible), the quantity the masked process conditions on in training.
 
+De-duplication (sampling.dedupe): when several masked positions of a row predict the same token
+in one step, only the most confident of them can be committed in that step (PAD exempt); parallel decoding
+otherwise writes a content word the model is sure of into several positions at once, before any of them can
+see the others. The rest rank below every other masked position, so the schedule's counts still hold.
+
+Deferred ending (sampling.defer_end): positions predicting PAD or EOS rank below every content prediction, so
+they are committed only in steps that have nothing else to commit: the length is settled after the content.
+
 Optional re-masking (sampling.remask = rho > 0): at step k < K, r(i) = min(floor(rho * committed_before(i)),
 m_k(i)) of the tokens committed at earlier steps, those with the lowest confidence at their commit time, are
 masked again, and r(i) extra new tokens are committed, so the schedule's count m_k(i) still holds and the
@@ -34,6 +42,7 @@ from sgdd.sampling.base import SAMPLERS, Sampler
 from sgdd.sampling.guidance import guided, row_slices
 
 PAD_ID = 0  # decoder vocabulary contract (sgdd.data.Vocab.PAD); a process may override with .pad_id
+EOS_ID = 2  # decoder vocabulary contract (sgdd.data.Vocab.EOS)
 
 
 def masked_count(n: torch.Tensor, k: int, K: int) -> torch.Tensor:
@@ -53,6 +62,21 @@ def ranks_in_rows(score: torch.Tensor, descending: bool) -> torch.Tensor:
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(L, device=score.device).expand(B, L))
     return ranks
+
+
+def duplicate_predictions(
+    pred: torch.Tensor, mask: torch.Tensor, score: torch.Tensor, exempt: int
+) -> torch.Tensor:
+    """(B, L) bool: masked positions whose predicted id is also predicted at a better-scoring masked position of
+    the same row (ties: the earlier position wins). Predictions of `exempt` (PAD) are never duplicates.
+    pred (B, L) long, mask (B, L) bool, score (B, L) float; O(B L^2), small for sentence lengths."""
+    L = pred.shape[1]
+    both = mask[:, :, None] & mask[:, None, :]
+    same = (pred[:, :, None] == pred[:, None, :]) & both  # (B, L, L): j predicts i's token
+    idx = torch.arange(L, device=pred.device)
+    a, b = score[:, :, None], score[:, None, :]
+    better = (b > a) | ((b == a) & (idx[None, None, :] < idx[None, :, None]))  # (B, L, L): j beats i
+    return (same & better).any(dim=-1) & mask & (pred != exempt)
 
 
 def filter_logits(
@@ -250,6 +274,11 @@ class MaskGITSampler(Sampler):
                 u = torch.rand(B, L, dtype=torch.float64, device=device, generator=generator)
                 gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(torch.float64).tiny)))
                 score = conf + (s.gumbel_noise * (1.0 - (k - 1) / K)) * gumbel.masked_fill(~mask, 0.0)
+
+            if s.dedupe:  # duplicates rank below every other masked position (still above visible ones)
+                score = torch.where(duplicate_predictions(pred, mask, score, pad_id), score - 1e6, score)
+            if s.defer_end:  # the sentence's end is decided after its content
+                score = torch.where(mask & ((pred == pad_id) | (pred == EOS_ID)), score - 1e7, score)
 
             target = masked_count(n, k, K)  # (B,) masked after this step
             remask_n = torch.zeros_like(n)
