@@ -761,6 +761,9 @@ def orchestrate(args: argparse.Namespace) -> int:
             default=str,
         )
     )
+    if all("error" in v for v in res.values()):  # nothing measured: no row of dashes in the results table
+        print(f"wrote {out_path}; every part failed, so no row in {results}")
+        return 1
     header, row = results_row(res, summary, sizes, args, date, commit, command)
     append_row(results, SECTION, header, row)
     print(f"wrote {out_path} and a row in {results}")
