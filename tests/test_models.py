@@ -353,3 +353,30 @@ def test_bow_prior_is_added_with_its_scale_and_shifted_for_visible_tokens():
     assert torch.allclose(prior, expected, atol=1e-6)
     assert visible[:, 7].all() and not visible[:, 0].any() and not visible[:, 1].any()
     assert (prior[:, 7] < torch.nn.functional.logsigmoid(presence[:, 7])).all()
+
+
+def test_z_positions_start_at_zero_and_reach_only_masked_inputs():
+    """model.z_positions: a per-position map of z added to the input of [MASK] positions, zero at init."""
+    x, t, z = inputs()
+    x[:, ::2] = 1  # MASK at even positions, ordinary tokens at odd ones
+    x[:, 1::2] = x[:, 1::2].clamp(min=2)
+    torch.manual_seed(0)
+    a = Decoder(tiny_cfg(bow_head=False, z_positions=True), V, L).eval()
+    torch.manual_seed(0)
+    b = Decoder(tiny_cfg(bow_head=False), V, L).eval()
+    assert a.z_pos is not None and b.z_pos is None
+    with torch.no_grad():
+        b_state = {k: v for k, v in a.state_dict().items() if not k.startswith("z_pos.")}
+        b.load_state_dict(b_state)
+        assert torch.equal(a(x, t, z), b(x, t, z))  # zero at init: same function
+        a.z_pos.weight.normal_()
+        seen = []
+        hook = a.emb_norm.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+        a(x, t, z)
+        hook.remove()
+        b_in = []
+        hook = b.emb_norm.register_forward_hook(lambda m, inp, out: b_in.append(inp[0]))
+        b(x, t, z)
+        hook.remove()
+    diff = (seen[0] - b_in[0]).abs().sum(-1)  # (B, L)
+    assert (diff[:, ::2] > 0).all() and (diff[:, 1::2] == 0).all()
