@@ -66,6 +66,9 @@ SAMPLERS = ("maskgit", "euler", "analytic")
 HEADLINE_STEPS = 16
 CFG_SCALE = 1.5
 SYNTHETIC_VOCAB = 20_000
+PEAK_PROBE = 256  # matrix size of the quick rate probe before the peak measurement
+PEAK_MAX_SECONDS = 60.0  # a peak size is measured only if its warm-up + timed reps fit in this (by the probe)
+BF16_SLOW_RATIO = 0.9  # train in bf16 only where its measured peak beats fp32's by this factor (sgdd.precision)
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,22 @@ def part_peak(args: argparse.Namespace, sizes: Sizes) -> dict:
     load_cfg(args)  # applies training.threads
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "gflops": {}}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        for n in sizes.mm_sizes:
+        # a probe first: where bf16 is emulated (AVX2-only CPUs: ~0.3 GFLOP/s) a 2048^3 product takes a minute,
+        # so sizes whose repetitions would exceed PEAK_MAX_SECONDS are skipped (the table shows which ran)
+        probe = PEAK_PROBE
+        a = torch.randn(probe, probe).to(dtype)
+        torch.mm(a, a)
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        probe_rate = 2.0 * probe**3 / max(time.perf_counter() - t0, 1e-9)  # FLOP/s
+        runs = [n for n in sizes.mm_sizes
+                if 2.0 * n**3 * (sizes.mm_warmup + sizes.mm_reps) / probe_rate <= PEAK_MAX_SECONDS]
+        if not runs:
+            runs = [probe]
+            out[f"{name}_sizes_note"] = (f"{name} probe {probe_rate / 1e9:.2f} GFLOP/s: larger sizes would take over "
+                                         f"{PEAK_MAX_SECONDS:.0f} s, measured at {probe} only")
+            say(out[f"{name}_sizes_note"])
+        for n in runs:
             a = torch.randn(n, n).to(dtype)
             b = torch.randn(n, n).to(dtype)
             for _ in range(sizes.mm_warmup):
@@ -250,7 +268,7 @@ def part_peak(args: argparse.Namespace, sizes: Sizes) -> dict:
             gflops = 2.0 * n**3 / dt / 1e9
             out["gflops"][f"{name}_{n}"] = gflops
             say(f"peak: {name} {n}x{n}: {gflops:.1f} GFLOP/s")
-        out[f"peak_{name}_gflops"] = max(out["gflops"][f"{name}_{n}"] for n in sizes.mm_sizes)
+        out[f"peak_{name}_gflops"] = max(out["gflops"][f"{name}_{n}"] for n in runs)
     return out
 
 
@@ -598,7 +616,12 @@ def summarise(res: dict, sizes: Sizes) -> dict:
     head = HEADLINE_STEPS if HEADLINE_STEPS in sizes.sample_steps else max(sizes.sample_steps)
     cfg_rate = pick(grid, "maskgit", head, CFG_SCALE, big)
     plain_rate = pick(grid, "maskgit", head, 1.0, big)
+    # the precision training uses here (precision: auto): bf16 where its peak beats fp32's, else fp32
+    auto = "bf16" if peak_bf16 * BF16_SLOW_RATIO > peak_fp32 else "fp32"
+    trained = bf if auto == "bf16" else fp
     return {
+        "train_precision": auto,
+        "mfu": trained.get("achieved_gflops", nan) / (peak_bf16 if auto == "bf16" else peak_fp32),
         "peak_bf16_gflops": peak_bf16,
         "peak_fp32_gflops": peak_fp32,
         "bf16_speedup": bf.get("sentences_per_s", nan) / fp.get("sentences_per_s", nan),
@@ -632,6 +655,7 @@ def grid_text(grid: list[dict], sizes: Sizes) -> list[str]:
 
 def report(res: dict, summary: dict, sizes: Sizes) -> str:
     peak, bf, fp = res.get("peak", {}), res.get("train_bf16", {}), res.get("train_fp32", {})
+    tr = bf if "params_m" in bf else fp  # model facts from whichever precision ran
     sample, cache = res.get("sample", {}), res.get("cache", {})
     steps = "/".join(str(k) for k in sizes.sample_steps)
     out = [
@@ -640,17 +664,19 @@ def report(res: dict, summary: dict, sizes: Sizes) -> str:
         "",
         f"{'training':10s} {'sent/s':>8s} {'tok/s':>8s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'MFU':>6s} {'RSS MB':>7s}",
     ]
-    for name, r, mfu in (("bf16", bf, summary["mfu_bf16"]), ("fp32", fp, summary["mfu_fp32_vs_bf16_peak"])):
+    for name, r, mfu in (("bf16", bf, summary["mfu_bf16"]), ("fp32", fp, summary["mfu_fp32_vs_fp32_peak"])):
         out.append(
             f"{name:10s} {fmt(r.get('sentences_per_s')):>8s} {fmt(r.get('tokens_per_s'), '.0f'):>8s} "
             f"{fmt(r.get('flops_per_step', math.nan) / 1e9, '.2f'):>10s} "
             f"{fmt(r.get('achieved_gflops')):>8s} {fmt(100 * mfu, '.1f'):>5s}% {fmt(r.get('peak_rss_mb'), '.0f'):>7s}"
         )
     out += [
-        f"model {fmt(bf.get('params_m'), '.1f')}M params, vocabulary {bf.get('vocab_size', '-')}, "
-        f"batch {bf.get('batch_size', '-')}, mean length {fmt(bf.get('mean_length'))}, data: {bf.get('data', '-')}",
+        f"model {fmt(tr.get('params_m'), '.1f')}M params, vocabulary {tr.get('vocab_size', '-')}, "
+        f"batch {tr.get('batch_size', '-')}, mean length {fmt(tr.get('mean_length'))}, data: {tr.get('data', '-')}",
         f"bf16/fp32 training speed-up {fmt(summary['bf16_speedup'], '.2f')}x; MFU = counted model FLOPs / step time "
-        f"/ measured bf16 peak",
+        f"/ the measured peak of the same precision",
+        f"training precision on this machine (precision: auto): {summary['train_precision']}, "
+        f"MFU {fmt(100 * summary['mfu'], '.1f')}%" + (f"; bf16 {bf['skipped']}" if "skipped" in bf else ""),
         "",
         f"sampling sentences/s at {steps} steps ({sample.get('model', '-')}, peak RSS "
         f"{fmt(sample.get('peak_rss_mb'), '.0f')} MB):",
@@ -674,11 +700,12 @@ def results_row(
     res: dict, summary: dict, sizes: Sizes, args: argparse.Namespace, date: str, commit: str, command: str
 ) -> tuple[str, str]:
     peak, bf, fp = res.get("peak", {}), res.get("train_bf16", {}), res.get("train_fp32", {})
+    tr = bf if "params_m" in bf else fp  # model facts from whichever precision ran
     sample, cache = res.get("sample", {}), res.get("cache", {})
     e2e = sample.get("e2e", {})
     header = (
         "| date | commit | config | threads | peak GFLOP/s bf16 / fp32 | train sent/s bf16 / fp32 (speed-up) "
-        "| train tok/s bf16 / fp32 | GFLOP/step | MFU bf16 (fp32) | train RSS MB bf16 / fp32 "
+        "| train tok/s bf16 / fp32 | GFLOP/step | MFU (precision used: % of its own peak) | train RSS MB bf16 / fp32 "
         "| sample sent/s maskgit b64 16 steps CFG / no CFG (CFG cost) | end-to-end sent/s | sampling grid sent/s "
         "| sample RSS MB | cache sent/s (N) | cache RSS MB | note | command |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -686,8 +713,8 @@ def results_row(
     k = "/".join(str(s) for s in sizes.sample_steps)
     grid = "; ".join(grid_text(sample.get("grid", []), sizes))
     model = (
-        f"{fmt(bf.get('params_m'), '.1f')}M params, V={bf.get('vocab_size', '-')}, "
-        f"batch {bf.get('batch_size', '-')}, data: {bf.get('data', '-')}; sampling: {sample.get('model', '-')}"
+        f"{fmt(tr.get('params_m'), '.1f')}M params, V={tr.get('vocab_size', '-')}, "
+        f"batch {tr.get('batch_size', '-')}, data: {tr.get('data', '-')}; sampling: {sample.get('model', '-')}"
     )
     cells = [
         date,
@@ -697,8 +724,9 @@ def results_row(
         f"{fmt(summary['peak_bf16_gflops'])} / {fmt(summary['peak_fp32_gflops'])}",
         f"{fmt(bf.get('sentences_per_s'))} / {fmt(fp.get('sentences_per_s'))} ({fmt(summary['bf16_speedup'], '.2f')}x)",
         f"{fmt(bf.get('tokens_per_s'), '.0f')} / {fmt(fp.get('tokens_per_s'), '.0f')}",
-        fmt(bf.get("flops_per_step", math.nan) / 1e9, ".2f"),
-        f"{fmt(100 * summary['mfu_bf16'])}% ({fmt(100 * summary['mfu_fp32_vs_bf16_peak'])}%)",
+        fmt((bf if "flops_per_step" in bf else fp).get("flops_per_step", math.nan) / 1e9, ".2f"),
+        f"{fmt(100 * summary['mfu'])}% {summary['train_precision']}"
+        + (" (bf16 not run: slower than fp32 here)" if "skipped" in bf else ""),
         f"{fmt(bf.get('peak_rss_mb'), '.0f')} / {fmt(fp.get('peak_rss_mb'), '.0f')}",
         f"{fmt(summary['sample_cfg_sentences_per_s'])} / {fmt(summary['sample_nocfg_sentences_per_s'])} "
         f"({fmt(summary['cfg_cost_ratio'], '.2f')}x)"
@@ -718,6 +746,21 @@ def results_row(
     return header, "| " + " | ".join(cells) + " |\n"
 
 
+SKIP_BF16 = ("not run: bf16 matmuls are slower than fp32 on this machine ({peak_bf16_gflops:.2f} vs "
+             "{peak_fp32_gflops:.1f} GFLOP/s; precision: auto trains in fp32 here)")
+
+
+def train_precisions(args: argparse.Namespace, peak: dict) -> tuple[str, ...]:
+    """fp32 always; bf16 too unless the peak part measured it slower than fp32 (emulated bf16: a bf16 training
+    step would take minutes). --train-precisions forces a list."""
+    if args.train_precisions:
+        return tuple(args.train_precisions.split(","))
+    bf, fp = peak.get("peak_bf16_gflops"), peak.get("peak_fp32_gflops")
+    if bf is not None and fp is not None and bf < fp / BF16_SLOW_RATIO:
+        return ("fp32",)
+    return ("bf16", "fp32")
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     sizes = sizes_for(args)
     wanted = args.parts.split(",") if args.parts else list(PARTS)
@@ -728,8 +771,10 @@ def orchestrate(args: argparse.Namespace) -> int:
     if "peak" in wanted:
         res["peak"] = run_part(args, "peak", [])
     if "train" in wanted:
-        for precision in ("bf16", "fp32"):
+        for precision in train_precisions(args, res.get("peak", {})):
             res[f"train_{precision}"] = run_part(args, "train", ["--precision", precision])
+        if "train_bf16" not in res:
+            res["train_bf16"] = {"skipped": SKIP_BF16.format(**res.get("peak", {}))}
     if "sample" in wanted:
         res["sample"] = run_part(args, "sample", [])
     if "cache" in wanted:
@@ -785,6 +830,7 @@ def main() -> int:
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--note", default="", help="free text for the RESULTS.md row")
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
+    ap.add_argument("--train-precisions", default="", help="bf16,fp32 (default: fp32, and bf16 where it is fast)")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.part:

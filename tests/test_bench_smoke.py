@@ -98,9 +98,15 @@ def test_speed_quick_runs_every_part(tiny_corpus, tmp_path):
     parts = data["parts"]
     assert set(parts) == {"peak", "train_bf16", "train_fp32", "sample", "cache"}
     assert all("error" not in p for p in parts.values())
-    assert all(p["peak_rss_mb"] > 0 for p in parts.values())
-    assert parts["peak"]["peak_bf16_gflops"] > 0 and parts["peak"]["peak_fp32_gflops"] > 0
-    for precision in ("bf16", "fp32"):
+    peak = parts["peak"]
+    assert peak["peak_bf16_gflops"] > 0 and peak["peak_fp32_gflops"] > 0
+    # bf16 training runs only where bf16 matmuls are not slower than fp32 (emulated bf16 would take minutes)
+    bf16_fast = peak["peak_bf16_gflops"] * 0.9 > peak["peak_fp32_gflops"]
+    ran = ("bf16", "fp32") if bf16_fast else ("fp32",)
+    if not bf16_fast:
+        assert parts["train_bf16"]["skipped"].startswith("not run: bf16 matmuls are slower than fp32")
+    assert all(parts[k]["peak_rss_mb"] > 0 for k in ("peak", "sample", "cache", *(f"train_{p}" for p in ran)))
+    for precision in ran:
         train = parts[f"train_{precision}"]
         assert train["precision"] == precision and train["batch_size"] == 4
         assert (
@@ -108,8 +114,8 @@ def test_speed_quick_runs_every_part(tiny_corpus, tmp_path):
         )  # the tiny corpus has no embedding cache: never built by the benchmark
         assert train["sentences_per_s"] > 0 and train["tokens_per_s"] >= 4 * train["sentences_per_s"]
         assert train["flops_per_step"] > 0
-    # the same batches and masks in both precisions: the same counted FLOPs
-    assert parts["train_bf16"]["flops_per_step"] == parts["train_fp32"]["flops_per_step"]
+    if bf16_fast:  # the same batches and masks in both precisions: the same counted FLOPs
+        assert parts["train_bf16"]["flops_per_step"] == parts["train_fp32"]["flops_per_step"]
     grid = parts["sample"]["grid"]
     keys = {(g["sampler"], g["steps"], g["cfg_scale"], g["batch"]) for g in grid}
     assert keys == {
@@ -123,7 +129,10 @@ def test_speed_quick_runs_every_part(tiny_corpus, tmp_path):
     assert parts["sample"]["e2e"]["sentences_per_s"] > 0
     assert parts["cache"]["sentences"] == 16 and parts["cache"]["sentences_per_s"] > 0
     summary = data["summary"]
-    assert summary["mfu_bf16"] > 0 and summary["bf16_speedup"] > 0 and summary["cfg_cost_ratio"] > 0
+    assert summary["train_precision"] == ("bf16" if bf16_fast else "fp32")
+    assert summary["mfu"] > 0 and summary["cfg_cost_ratio"] > 0
+    if bf16_fast:
+        assert summary["mfu_bf16"] > 0 and summary["bf16_speedup"] > 0
     assert not list((tmp_path / "cache").glob("*/embeddings.npy"))  # the cache part used its own temp folder
 
 

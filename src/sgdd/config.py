@@ -101,7 +101,8 @@ class EncoderConfig:
     normalize: bool = True
     max_length: int = 128  # encoder tokens
     batch_size: int = 128
-    precision: str = "bf16"  # bf16 | fp32 (autocast for the frozen encoder)
+    # auto (bf16 autocast where bf16 matmuls are fast: GPUs, AVX512-BF16/AMX CPUs; else fp32) | bf16 | fp32
+    precision: str = "auto"
 
 
 @dataclass
@@ -120,7 +121,7 @@ class TrainingConfig:
     max_minutes: float = 0.0  # wall-clock budget; 0 = none. The LR schedule then follows elapsed time.
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    precision: str = "bf16"  # bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp32 (see sgdd.precision: bf16 is ~400x slower on AVX2-only CPUs)
     seed: int = 0
     log_every: int = 50
     eval_every: int = 1000
@@ -156,6 +157,9 @@ class SamplingConfig:
     # exempt); the others stay masked for a later step, which then sees the first copy
     dedupe: bool = False
     defer_end: bool = False  # MaskGIT: commit PAD / EOS predictions only after every content prediction
+    # MaskGIT: subtracted from a prediction's log-confidence per position to its right (ranking only): 0 = pure
+    # confidence order; large (e.g. 100) = left to right, a few tokens per step
+    position_penalty: float = 0.0
     length: str = "predict"  # predict (length head quantile + length_slack) | max (always data.max_length)
     length_quantile: float = 0.8  # decode this quantile of the length head's distribution ...
     length_slack: int = 2  # ... plus this many spare positions (the model ends the sentence itself)
@@ -337,8 +341,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("wiki_sample", "text", "disk", "bookcorpus"),
     "encoder.backend": ("transformers", "flag"),
     "encoder.pooling": ("mean", "cls"),
-    "encoder.precision": ("bf16", "fp32"),
-    "training.precision": ("bf16", "fp32"),
+    "encoder.precision": ("auto", "bf16", "fp32"),
+    "training.precision": ("auto", "bf16", "fp32"),
     "sampling.length": ("predict", "max"),
     "tracking.mode": ("auto", "online", "offline", "disabled"),
 }

@@ -31,6 +31,7 @@ import numpy as np
 
 from sgdd.config import Config
 from sgdd.encoders import FrozenEncoder, build_encoder, encoder_name_key, load_tokenizer
+from sgdd.precision import resolve_precision
 
 CHUNK_ROWS = 4096
 META_FORMAT = "sgdd-embed-cache-1"
@@ -61,7 +62,7 @@ def cache_key_fields(cfg: Config, sentences: list[str]) -> dict[str, Any]:
         "pooling": e.pooling,
         "normalize": e.normalize,
         "max_length": e.max_length,
-        "precision": e.precision,
+        "precision": resolve_precision(e.precision, "cpu"),  # the precision actually used (auto resolved)
         "corpus_sha256": corpus_hash(sentences),
         "num_sentences": len(sentences),
     }

@@ -12,14 +12,13 @@ import contextlib
 import torch
 
 from sgdd.config import Config
+from sgdd.precision import autocast as precision_autocast
 
 
 def autocast_ctx(precision: str, device: torch.device | str = "cpu"):
-    """bf16 autocast for the network (about 3x fp32 matmul speed on CPU); a no-op for fp32."""
-    device_type = torch.device(device).type
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast for the network where bf16 is fast (precision auto / bf16, see sgdd.precision); else a
+    no-op (fp32)."""
+    return precision_autocast(precision, device)
 
 
 def length_quantile(logits: torch.Tensor, q: float) -> torch.Tensor:

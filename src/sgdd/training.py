@@ -37,6 +37,7 @@ from sgdd.checkpoint import (
 )
 from sgdd.config import Config
 from sgdd.generation import autocast_ctx, decode_in_batches
+from sgdd.precision import resolve_precision
 from sgdd.tracking import Tracker
 
 log = logging.getLogger("sgdd")
@@ -462,6 +463,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     if d.main:
         log.info("model: %.1fM parameters, vocabulary %d, encoder dim %d, %d training sentences",
                  n_params / 1e6, len(vocab), data.encoder_dim, len(data.train_tokens))
+        log.info("precision: %s (training.precision = %s)", resolve_precision(tc.precision, device), tc.precision)
     tracker = Tracker(cfg, enabled=d.main)
     if pretrain_metrics:
         tracker.log(pretrain_metrics, 0)

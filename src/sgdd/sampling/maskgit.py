@@ -18,6 +18,10 @@ in one step, only the most confident of them can be committed in that step (PAD 
 otherwise writes a content word the model is sure of into several positions at once, before any of them can
 see the others. The rest rank below every other masked position, so the schedule's counts still hold.
 
+Position penalty (sampling.position_penalty = lambda >= 0): the ranking score of position l is lowered by
+lambda * l, so decoding leans left to right (lambda large: strictly left to right, the schedule's count of
+leftmost masked positions per step). The confidence recorded for re-masking is unchanged.
+
 Deferred ending (sampling.defer_end): positions predicting PAD or EOS rank below every content prediction, so
 they are committed only in steps that have nothing else to commit: the length is settled after the content.
 
@@ -227,6 +231,8 @@ class MaskGITSampler(Sampler):
             raise ConfigError(f"sampling.top_p must be in (0, 1], got {s.top_p}")
         if s.gumbel_noise < 0:
             raise ConfigError(f"sampling.gumbel_noise must be >= 0, got {s.gumbel_noise}")
+        if s.position_penalty < 0:
+            raise ConfigError(f"sampling.position_penalty must be >= 0, got {s.position_penalty}")
         if not 0.0 <= s.remask < 1.0:
             raise ConfigError(f"sampling.remask must be in [0, 1), got {s.remask}")
 
@@ -274,6 +280,10 @@ class MaskGITSampler(Sampler):
                 u = torch.rand(B, L, dtype=torch.float64, device=device, generator=generator)
                 gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(torch.float64).tiny)))
                 score = conf + (s.gumbel_noise * (1.0 - (k - 1) / K)) * gumbel.masked_fill(~mask, 0.0)
+
+            if s.position_penalty > 0:  # visible positions stay at -inf
+                pos = torch.arange(L, device=device, dtype=torch.float64)
+                score = score - s.position_penalty * pos[None, :]
 
             if s.dedupe:  # duplicates rank below every other masked position (still above visible ones)
                 score = torch.where(duplicate_predictions(pred, mask, score, pad_id), score - 1e6, score)
