@@ -378,3 +378,25 @@ def test_defer_end_commits_pad_and_eos_last():
         first_end = next(i for i, x in enumerate(states) if ((x == EOS) | (x == PAD)).any())
         last_content = max(i for i, x in enumerate(states) if ((x >= 6) & (x != MASK)).sum() < 4) + 1
         assert (first_end >= last_content) == content_first
+
+
+def test_position_penalty_decodes_left_to_right():
+    """Confidence grows to the right: plain MaskGIT commits the right end first; a large position penalty
+    commits exactly the schedule's count of leftmost masked positions at every step; a small one blends."""
+    B, Lr, K = 1, 8, 4
+    target = torch.tensor([[6, 7, 8, 9, 10, 11, EOS, PAD]])
+    margin = torch.linspace(1.0, 3.0, Lr)[None, :]
+    for penalty in (0.0, 100.0):
+        states = []
+        out = SAMPLERS.get("maskgit")(make_cfg(steps=K, cfg_scale=1.0, position_penalty=penalty)).sample(
+            TargetModel(target, margin), FakeProcess(), torch.zeros(B, 4), torch.full((B,), Lr), 1.0,
+            callback=lambda k, x, acc=states: acc.append(x.clone()))
+        assert torch.equal(out, target)
+        for k, x in enumerate(states, start=1):
+            done = (x != MASK)[0]
+            n_done = int(done.sum())
+            assert n_done == Lr - int(masked_count(torch.tensor([Lr]), k, K))
+            expected = torch.arange(Lr) < n_done if penalty else torch.arange(Lr) >= Lr - n_done
+            assert torch.equal(done, expected), (penalty, k, x)
+    with pytest.raises(ConfigError, match="position_penalty"):
+        MaskGITSampler(make_cfg(position_penalty=-1.0))
