@@ -152,9 +152,51 @@ class SGDD:
         e = self.encode(texts).to(self.device)
         mu, _ = self.net.vib.posterior(e)
         K = cfg.sampling.rerank
-        if K <= 1:
-            return self._decode(mu, cfg, seed, callback)
-        return self._rerank(texts, e, mu, cfg, K, seed)
+        out = self._decode(mu, cfg, seed, callback) if K <= 1 else self._rerank(texts, e, mu, cfg, K, seed)
+        if cfg.sampling.refine > 0:
+            out = self._refine(out, e, mu, cfg, seed)
+        return out
+
+    def _refine(self, start: list[str], e: torch.Tensor, mu: torch.Tensor, cfg: Config, seed: int) -> list[str]:
+        """Encoder-guided refinement of the decoded texts (sgdd.sampling.refine): the hypotheses re-tokenised
+        into a slot of their length + EOS + 2 spare positions, then `sampling.refine` rounds of hill climbing."""
+        import torch.nn.functional as F
+
+        from sgdd.data import make_batch
+        from sgdd.generation import autocast_ctx
+        from sgdd.sampling.maskgit import MaskGITSampler
+        from sgdd.sampling.refine import refine
+
+        s = cfg.sampling
+        spare, L = 2, cfg.data.max_length
+        ids = [self.vocab.encode(t)[: L - 1] for t in start]
+        x = make_batch(ids, L, spare).to(self.device)  # tokens, EOS, PAD; longest + 1 + 2 spare positions
+        C = s.refine_candidates
+        fill_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(
+            s, sampler="maskgit", steps=s.refine_steps, gumbel_noise=max(s.gumbel_noise, 1.0), remask=0.0))
+        sampler = MaskGITSampler(fill_cfg)
+        z_rows = mu.repeat_interleave(C, 0)
+        gen = torch.Generator().manual_seed(seed + 7)
+        target = e.float().to(self.device)
+
+        def fill(xm: torch.Tensor) -> torch.Tensor:
+            out = []
+            for i in range(0, xm.shape[0], s.batch_size):
+                with autocast_ctx(cfg.training.precision, self.device):
+                    out.append(sampler.sample(self.net.decoder, self.process, z_rows[i : i + s.batch_size], None,
+                                              s.cfg_scale, generator=gen, init=xm[i : i + s.batch_size]))
+            return torch.cat(out)
+
+        def score(rows_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            texts = [self.vocab.decode(r) for r in rows_ids.tolist()]
+            vecs = self.encoder.encode([t if t.strip() else "." for t in texts],
+                                       batch_size=cfg.encoder.batch_size).float().to(self.device)
+            return F.cosine_similarity(vecs, target[rows], dim=-1)
+
+        best, _, history = refine(x, fill, score, s.refine, C, s.refine_mask, self.process.mask_id,
+                                  getattr(self.process, "pad_id", 0), spare, generator=gen)
+        log.debug("refine: mean cosine by round %s", " ".join(f"{h:.4f}" for h in history))
+        return [self.vocab.decode(r) for r in best.tolist()]
 
     def _rerank(self, texts, e, mu, cfg: Config, K: int, seed: int) -> list[str]:
         """Candidates: the default decode, then K - 1 decodes per input at other quantiles of the length head's

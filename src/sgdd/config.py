@@ -164,6 +164,13 @@ class SamplingConfig:
     length_quantile: float = 0.8  # decode this quantile of the length head's distribution ...
     length_slack: int = 2  # ... plus this many spare positions (the model ends the sentence itself)
     rerank: int = 1  # best-of-K by re-embedding cosine; 1 = off
+    # encoder-guided refinement (sgdd.sampling.refine): rounds of "re-mask a fraction of the hypothesis, refill
+    # refine_candidates variants with MaskGIT in refine_steps steps, keep the one closest to the input's vector";
+    # 0 = off. Needs a process with a MASK state.
+    refine: int = 0
+    refine_candidates: int = 8
+    refine_mask: float = 0.25
+    refine_steps: int = 4
     batch_size: int = 64
 
 
@@ -384,6 +391,8 @@ def validate_config(cfg: Config, where: str = "config") -> None:
         "training.grad_accum": cfg.training.grad_accum,
         "sampling.steps": cfg.sampling.steps,
         "sampling.rerank": cfg.sampling.rerank,
+        "sampling.refine_candidates": cfg.sampling.refine_candidates,
+        "sampling.refine_steps": cfg.sampling.refine_steps,
         "sampling.batch_size": cfg.sampling.batch_size,
         "model.num_layers": cfg.model.num_layers,
         "model.latent_dim": cfg.model.latent_dim,
@@ -395,6 +404,13 @@ def validate_config(cfg: Config, where: str = "config") -> None:
             raise ConfigError(f"{where}: {key} must be positive, got {value}")
     if cfg.data.min_tokens >= cfg.data.max_length:
         raise ConfigError(f"{where}: data.min_tokens ({cfg.data.min_tokens}) must be below data.max_length")
+    if cfg.sampling.refine < 0:
+        raise ConfigError(f"{where}: sampling.refine must be >= 0 (rounds; 0 = off), got {cfg.sampling.refine}")
+    if not 0.0 < cfg.sampling.refine_mask <= 1.0:
+        raise ConfigError(f"{where}: sampling.refine_mask must be in (0, 1], got {cfg.sampling.refine_mask}")
+    if cfg.sampling.refine > 0 and graph == "uniform":
+        raise ConfigError(f"{where}: sampling.refine needs a process with a [MASK] state; the uniform graph has "
+                          "none (use diffusion.graph: absorbing or process: masked, or sampling.refine: 0)")
     if cfg.training.latent_pretrain_steps < 0:
         raise ConfigError(f"{where}: training.latent_pretrain_steps must be >= 0 (0 = off)")
     if cfg.training.latent_pretrain_steps > 0 and not cfg.model.bow_head:

@@ -237,8 +237,11 @@ class MaskGITSampler(Sampler):
             raise ConfigError(f"sampling.remask must be in [0, 1), got {s.remask}")
 
     @torch.inference_mode()
-    def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None):
-        """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = lengths.max(); see Sampler.sample."""
+    def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None, init=None):
+        """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = lengths.max(); see Sampler.sample.
+
+        init (B, L) long, optional: start from this partly decoded state instead of all MASK (lengths is then
+        ignored): only its MASK positions are decoded, on the same cosine schedule over their count (refinement)."""
         s = self.cfg.sampling
         mask_id = process.mask_id
         if mask_id is None:
@@ -249,16 +252,22 @@ class MaskGITSampler(Sampler):
         K = s.steps
         device = z.device
         B = z.shape[0]
-        lengths = lengths.to(device=device, dtype=torch.long)
-        if lengths.shape != (B,) or int(lengths.min()) < 1:
-            raise ValueError(f"lengths must be (B,) = ({B},) positive integers, got {tuple(lengths.shape)}")
-        L = int(lengths.max())
         step_model = guided(model, cfg_scale)
-
-        valid = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (B, L) positions to decode
-        x = torch.full((B, L), pad_id, dtype=torch.long, device=device).masked_fill(valid, mask_id)
+        if init is not None:
+            if init.dim() != 2 or init.shape[0] != B:
+                raise ValueError(f"init must be (B, L) = ({B}, L), got {tuple(init.shape)}")
+            x = init.to(device=device, dtype=torch.long).clone()
+            L = x.shape[1]
+            valid = x == mask_id
+        else:
+            lengths = lengths.to(device=device, dtype=torch.long)
+            if lengths.shape != (B,) or int(lengths.min()) < 1:
+                raise ValueError(f"lengths must be (B,) = ({B},) positive integers, got {tuple(lengths.shape)}")
+            L = int(lengths.max())
+            valid = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (B, L) positions to decode
+            x = torch.full((B, L), pad_id, dtype=torch.long, device=device).masked_fill(valid, mask_id)
         commit_conf = torch.full((B, L), math.inf, dtype=torch.float64, device=device)  # log p at commit time
-        n = lengths  # (B,) positions to decode per row
+        n = valid.sum(dim=1)  # (B,) positions to decode per row
 
         for k in range(1, K + 1):
             mask = x == mask_id  # (B, L)
