@@ -43,6 +43,9 @@ def main() -> int:
     ap.add_argument("--rerank", type=int, default=8)
     ap.add_argument("--num-rerank", type=int, default=0,
                     help="evaluate the rerank on only the first N sentences (0 = all); best-of-K costs K decodes each")
+    ap.add_argument("--refine", type=int, default=0,
+                    help="also evaluate encoder-guided refinement (this many rounds) on the rerank subset; 0 = off")
+    ap.add_argument("--refine-candidates", type=int, default=8)
     ap.add_argument("--run-name", default=None)
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--note", default="", help="free text for the RESULTS.md row (what this experiment changes)")
@@ -82,6 +85,11 @@ def main() -> int:
     same_subset = evaluate_reconstruction(model, rr_sents, steps=16) if reranked and len(rr_sents) < len(sentences) else None
     if reranked:
         print_report(reranked)
+    refined = None
+    if args.refine > 0:
+        refined = evaluate_reconstruction(model, rr_sents, steps=16, refine=args.refine,
+                                          refine_candidates=args.refine_candidates)
+        print_report(refined)
 
     train_rate = result.last_metrics.get("train/sentences_per_s", float("nan"))
     out = {
@@ -97,6 +105,8 @@ def main() -> int:
         "rerank": reranked["metrics"] if reranked else None,
         "rerank_subset": len(rr_sents),
         "plain_on_rerank_subset": same_subset["metrics"] if same_subset else None,
+        "refine": refined["metrics"] if refined else None,
+        "refine_settings": {"rounds": args.refine, "candidates": args.refine_candidates} if refined else None,
         "resolved_config": config_to_dict(model.cfg),
         "examples": plain.get("examples", [])[:20],
         "command": "uv run python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -107,12 +117,16 @@ def main() -> int:
     out_path.write_text(json.dumps(out, indent=2, default=str))
     m, r = plain["metrics"], (reranked or {}).get("metrics", {})
     row = (f"| {out['date']} | {out['commit']} | {args.config} {' '.join(args.overrides)} | {args.minutes:g} min, "
-           f"{result.step} steps, {train_rate:.1f} sent/s | {m.get('bleu', float('nan')):.2f} | "
+           f"{result.step} steps, {train_rate:.1f} sent/s | {m.get('bleu', float('nan')):.2f} "
+           f"(round trip {m.get('bleu_roundtrip', float('nan')):.2f}) | "
            f"{m.get('chrf', float('nan')):.1f} | {m.get('exact_match', float('nan')):.3f} | "
            f"{m.get('cosine', float('nan')):.3f} | {m.get('token_f1', float('nan')):.3f} | "
            f"{r.get('bleu', float('nan')):.2f} (n={len(rr_sents)}"
            + (f", plain on the same {len(rr_sents)}: {same_subset['metrics']['bleu']:.2f}" if same_subset else "")
-           + f") | {args.note} | `{out['command']}` |\n")
+           + ")"
+           + (f"; refine {args.refine} rounds x {args.refine_candidates}: {refined['metrics']['bleu']:.2f}"
+              if refined else "")
+           + f" | {args.note} | `{out['command']}` |\n")
     results = Path(args.results)
     if not results.exists():
         results.write_text("# Benchmark results\n\n")

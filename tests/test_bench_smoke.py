@@ -243,6 +243,10 @@ def test_quality_smoke(tiny_corpus, tmp_path):
         "8",
         "--rerank",
         "2",
+        "--refine",
+        "1",
+        "--refine-candidates",
+        "2",
         "--run-name",
         "bench_smoke_test",
         "--results",
@@ -263,5 +267,7 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     rows = [ln for ln in text.splitlines() if ln.startswith("| 20")]
     assert len(rows) == 1 and "bench/quality.py" in rows[0]
     out = json.loads(out_json.read_text())
-    assert out["steps"] > 0 and out["plain"] and out["rerank"]
+    assert out["steps"] > 0 and out["plain"] and out["rerank"] and out["refine"]
+    assert out["refine_settings"] == {"rounds": 1, "candidates": 2}
+    assert "refine 1 rounds x 2:" in rows[0] and "(round trip " in rows[0]
     assert (tmp_path / "checkpoints" / "bench_smoke_test" / "latest").is_dir()
