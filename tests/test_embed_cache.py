@@ -15,6 +15,7 @@ import torch
 from sgdd.config import Config, DataConfig, EncoderConfig
 from sgdd.data import Vocab
 from sgdd.embed_cache import cache_key, cache_key_fields, load_or_build_embeddings, prepare
+from sgdd.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,8 @@ def test_key_changes_with_encoder_pooling_settings_and_corpus(tmp_path):
         make_cfg(tmp_path, pooling="cls"),
         make_cfg(tmp_path, normalize=False),
         make_cfg(tmp_path, max_length=64),
-        make_cfg(tmp_path, precision="fp32"),
+        # the key holds the resolved precision (auto -> bf16 or fp32 by this machine): flip to the other one
+        make_cfg(tmp_path, precision="bf16" if resolve_precision("auto") == "fp32" else "fp32"),
     ]
     keys = {key(c) for c in variants}
     assert k not in keys and len(keys) == len(variants)
