@@ -180,7 +180,7 @@ def test_latent_pretraining_fits_the_bow_head_and_leaves_the_transformer_alone(t
 def test_latent_pretraining_time_counts_towards_the_budget(tmp_path, real_sentences):
     """A wall-clock budget shorter than the latent pre-training leaves no time for decoder steps."""
     cfg = load_config(None, tiny_train_overrides(tmp_path, real_sentences[:48], **{
-        "training.latent_pretrain_steps": 400, "training.latent_pretrain_batch": 16,
+        "training.latent_pretrain_steps": 100, "training.latent_pretrain_batch": 16,
         "training.max_minutes": 0.0005, "training.max_steps": 1000}))
     result = train(cfg)
     ck = load_checkpoint(result.run_dir / "latest", with_train_state=True)
