@@ -26,6 +26,8 @@ def main() -> int:
     ap.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
     ap.add_argument("--sampler", help="maskgit | euler | analytic (must fit the checkpoint's process)")
     ap.add_argument("--rerank", type=int, help="best of K decodes by re-embedding cosine (reconstruct)")
+    ap.add_argument("--refine", type=int,
+                    help="rounds of encoder-guided refinement after decoding (reconstruct; 0 = off)")
     ap.add_argument("--batch-size", type=int, help="sentences decoded per batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-paraphrases", type=int, default=5, help="paraphrase mode: outputs per sentence")
@@ -50,6 +52,7 @@ def main() -> int:
         cfg_scale=args.cfg_scale,
         sampler=args.sampler,
         rerank=args.rerank,
+        refine=args.refine,
         batch_size=args.batch_size,
     )
     return 0

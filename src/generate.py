@@ -36,6 +36,8 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, help="nucleus sampling mass (1 = off)")
     ap.add_argument("--rerank", type=int, help="best of K decodes by re-embedding cosine (reconstruct)")
+    ap.add_argument("--refine", type=int,
+                    help="rounds of encoder-guided refinement after decoding (reconstruct; 0 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--show-steps", action="store_true", help="print the text after every denoising step (_ = mask)"
@@ -64,6 +66,7 @@ def main() -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         rerank=args.rerank,
+        refine=args.refine,
     )
     return 0
 

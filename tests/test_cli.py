@@ -216,7 +216,7 @@ def broken(tiny_checkpoint, tmp_path_factory):
     [
         "empty", "whitespace", "bad_utf8", "missing_file", "blank_file", "no_vocab", "truncated_header",
         "truncated_data", "other_size", "other_size_both", "run_folder", "interpolate_one", "interpolate_three",
-        "unknown_sampler", "zero_steps", "show_steps_paraphrase",
+        "unknown_sampler", "zero_steps", "show_steps_paraphrase", "refine_paraphrase", "negative_refine",
     ],
 )  # fmt: skip
 def test_generate_bad_input_is_one_line(case, tiny_checkpoint, broken, monkeypatch, capsys):
@@ -256,6 +256,11 @@ def test_generate_bad_input_is_one_line(case, tiny_checkpoint, broken, monkeypat
             ["--checkpoint", ck, "--mode", "paraphrase", "--show-steps", "hi"],
             ["--show-steps"],
         ),
+        "refine_paraphrase": (
+            ["--checkpoint", ck, "--mode", "paraphrase", "--refine", "2", "hi"],
+            ["--refine applies to --mode reconstruct"],
+        ),
+        "negative_refine": (["--checkpoint", ck, "--refine", "-1", "hi"], ["sampling.refine must be >= 0"]),
     }[case]
     code, out, err = run_in_process("generate.py", args, monkeypatch, capsys)
     assert_one_line_error(code, err, *needles)

@@ -144,8 +144,9 @@ class SGDD:
     @torch.no_grad()
     def reconstruct(self, texts: list[str], seed: int = 0, callback=None, **sampling) -> list[str]:
         """Decode each sentence's posterior mean. sampling: steps, cfg_scale, temperature, top_k, top_p, greedy,
-        rerank, sampler, ... (SamplingConfig fields). rerank K > 1 decodes K candidates per input and keeps the
-        one whose re-encoded vector is closest to the input's."""
+        rerank, refine, sampler, ... (SamplingConfig fields). rerank K > 1 decodes K candidates per input and keeps
+        the one whose re-encoded vector is closest to the input's; refine R > 0 then edits the result for R rounds
+        of encoder-guided hill climbing (sgdd.sampling.refine)."""
         texts = check_texts(texts)
         self._warn_long(texts)
         cfg = self._sampling_cfg(**sampling)

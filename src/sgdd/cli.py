@@ -192,12 +192,14 @@ def run_generate(
         raise _input_error(
             "--num-samples applies to paraphrase and interpolate; reconstruct makes one output per input"
         )
-    if show_steps and (mode != "reconstruct" or sampling.get("rerank", 1) > 1):
+    if show_steps and (mode != "reconstruct" or sampling.get("rerank", 1) > 1 or sampling.get("refine", 0) > 0):
         raise _input_error(
-            "--show-steps follows a single decode: use it with --mode reconstruct and no --rerank"
+            "--show-steps follows a single decode: use it with --mode reconstruct and no --rerank / --refine"
         )
     if mode != "reconstruct" and sampling.get("rerank", 1) > 1:
         raise _input_error("--rerank applies to --mode reconstruct")
+    if mode != "reconstruct" and sampling.get("refine", 0) > 0:
+        raise _input_error("--refine applies to --mode reconstruct")
     n = 5 if num_samples is None else num_samples
 
     model = SGDD.from_pretrained(checkpoint, device=device)
@@ -206,6 +208,7 @@ def run_generate(
             sampling.setdefault("greedy", False)
         if show_steps:
             sampling["rerank"] = 1  # a checkpoint's config may ask for rerank; the steps follow one decode
+            sampling["refine"] = 0
             outputs = _reconstruct_showing_steps(model, texts, seed, sampling, write)
         else:
             outputs = model.reconstruct(texts, seed=seed, **sampling)
