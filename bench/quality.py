@@ -52,9 +52,12 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from sgdd.cli import setup_logging
+    from sgdd.cli import setup_logging, tune_malloc
 
     setup_logging()
+    # the glibc settings src/train.py applies through run_main: without them training here ran at ~40-49 instead
+    # of ~55-62 sentences/s and slowed as the run went on (bench/RESULTS.md, first 60-minute fp32 run)
+    malloc_tuned = tune_malloc()
     from sgdd.api import SGDD
     from sgdd.config import config_to_dict, load_config
     from sgdd.embed_cache import prepare
@@ -101,6 +104,7 @@ def main() -> int:
         "train_seconds": train_s,
         "steps": result.step,
         "train_sentences_per_s": train_rate,
+        "malloc_tuned": malloc_tuned,
         "plain": plain["metrics"],
         "rerank": reranked["metrics"] if reranked else None,
         "rerank_subset": len(rr_sents),

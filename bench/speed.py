@@ -836,13 +836,15 @@ def main() -> int:
     if not args.part:
         return orchestrate(args)
 
-    from sgdd.cli import setup_logging
+    from sgdd.cli import setup_logging, tune_malloc
 
     setup_logging()
+    malloc_tuned = tune_malloc()  # as src/train.py and the other entry points (sgdd.cli.run_main)
     sizes = sizes_for(args)
     fn = {"peak": part_peak, "train": part_train, "sample": part_sample, "cache": part_cache}[args.part]
     result = fn(args, sizes)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["malloc_tuned"] = malloc_tuned
     print(json.dumps(result, default=str), flush=True)
     return 0
 

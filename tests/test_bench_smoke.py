@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import platform
 import os
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def test_speed_quick_runs_every_part(tiny_corpus, tmp_path):
     ran = ("bf16", "fp32") if bf16_fast else ("fp32",)
     if not bf16_fast:
         assert parts["train_bf16"]["skipped"].startswith("not run: bf16 matmuls are slower than fp32")
+    assert all(parts[k]["malloc_tuned"] is (platform.libc_ver()[0] == "glibc") for k in ("peak", "sample", "cache"))
     assert all(parts[k]["peak_rss_mb"] > 0 for k in ("peak", "sample", "cache", *(f"train_{p}" for p in ran)))
     for precision in ran:
         train = parts[f"train_{precision}"]
@@ -269,5 +271,6 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     out = json.loads(out_json.read_text())
     assert out["steps"] > 0 and out["plain"] and out["rerank"] and out["refine"]
     assert out["refine_settings"] == {"rounds": 1, "candidates": 2}
+    assert out["malloc_tuned"] is (platform.libc_ver()[0] == "glibc")  # what src/train.py applies
     assert "refine 1 rounds x 2:" in rows[0] and "(round trip " in rows[0]
     assert (tmp_path / "checkpoints" / "bench_smoke_test" / "latest").is_dir()
