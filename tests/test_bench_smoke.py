@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import platform
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
