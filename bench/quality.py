@@ -85,7 +85,9 @@ def main() -> int:
     print_report(plain)
     rr_sents = sentences[: args.num_rerank] if args.num_rerank > 0 else sentences
     reranked = evaluate_reconstruction(model, rr_sents, steps=16, rerank=args.rerank) if args.rerank > 1 else None
-    same_subset = evaluate_reconstruction(model, rr_sents, steps=16) if reranked and len(rr_sents) < len(sentences) else None
+    subset_used = reranked is not None or args.refine > 0
+    same_subset = (evaluate_reconstruction(model, rr_sents, steps=16)
+                   if subset_used and len(rr_sents) < len(sentences) else None)
     if reranked:
         print_report(reranked)
     refined = None

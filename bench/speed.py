@@ -282,7 +282,7 @@ def part_train(args: argparse.Namespace, sizes: Sizes) -> dict:
 
     from sgdd.data import LengthBucketSampler, make_batch
     from sgdd.diffusion import build_process
-    from sgdd.generation import autocast_ctx
+    from sgdd.precision import autocast
     from sgdd.training import EMA, TrainStep, param_groups
 
     extra = [f"training.precision={args.precision}"]
@@ -322,7 +322,7 @@ def part_train(args: argparse.Namespace, sizes: Sizes) -> dict:
         x0, e = batches[j]
         torch.manual_seed(10_000 + j)  # same masks and noise whenever batch j is run
         uncond = torch.rand(x0.shape[0]) < cfg.model.cond_dropout
-        with autocast_ctx(tc.precision):
+        with autocast(tc.precision):
             loss, _ = step_module(x0, e, uncond, klw)
         loss.backward()
 
@@ -726,7 +726,7 @@ def results_row(
         f"{fmt(bf.get('tokens_per_s'), '.0f')} / {fmt(fp.get('tokens_per_s'), '.0f')}",
         fmt((bf if "flops_per_step" in bf else fp).get("flops_per_step", math.nan) / 1e9, ".2f"),
         f"{fmt(100 * summary['mfu'])}% {summary['train_precision']}"
-        + (" (bf16 not run: slower than fp32 here)" if "skipped" in bf else ""),
+        + (" (bf16 not run: see train_bf16.skipped)" if "skipped" in bf else ""),
         f"{fmt(bf.get('peak_rss_mb'), '.0f')} / {fmt(fp.get('peak_rss_mb'), '.0f')}",
         f"{fmt(summary['sample_cfg_sentences_per_s'])} / {fmt(summary['sample_nocfg_sentences_per_s'])} "
         f"({fmt(summary['cfg_cost_ratio'], '.2f')}x)"
@@ -746,7 +746,7 @@ def results_row(
     return header, "| " + " | ".join(cells) + " |\n"
 
 
-SKIP_BF16 = ("not run: bf16 matmuls are slower than fp32 on this machine ({peak_bf16_gflops:.2f} vs "
+SKIP_BF16 = ("not run: bf16 matmuls are not faster than fp32 on this machine ({peak_bf16_gflops:.2f} vs "
              "{peak_fp32_gflops:.1f} GFLOP/s; precision: auto trains in fp32 here)")
 
 
@@ -754,7 +754,12 @@ def train_precisions(args: argparse.Namespace, peak: dict) -> tuple[str, ...]:
     """fp32 always; bf16 too unless the peak part measured it slower than fp32 (emulated bf16: a bf16 training
     step would take minutes). --train-precisions forces a list."""
     if args.train_precisions:
-        return tuple(args.train_precisions.split(","))
+        chosen = tuple(p.strip() for p in args.train_precisions.split(",") if p.strip())
+        bad = sorted(set(chosen) - {"bf16", "fp32"})
+        if bad or not chosen:
+            raise SystemExit(f"--train-precisions: {', '.join(bad) or 'nothing given'} is not valid; "
+                             "give bf16, fp32 or bf16,fp32")
+        return chosen
     bf, fp = peak.get("peak_bf16_gflops"), peak.get("peak_fp32_gflops")
     if bf is not None and fp is not None and bf < fp / BF16_SLOW_RATIO:
         return ("fp32",)
@@ -767,14 +772,20 @@ def orchestrate(args: argparse.Namespace) -> int:
     unknown = sorted(set(wanted) - set(PARTS))
     if unknown:
         raise SystemExit(f"unknown part(s) {', '.join(unknown)}; valid: {', '.join(PARTS)}")
+    if args.train_precisions:
+        train_precisions(args, {})  # a bad list fails here, before any part has run
     res: dict[str, dict] = {}
     if "peak" in wanted:
         res["peak"] = run_part(args, "peak", [])
     if "train" in wanted:
-        for precision in train_precisions(args, res.get("peak", {})):
+        precisions = train_precisions(args, res.get("peak", {}))
+        for precision in precisions:
             res[f"train_{precision}"] = run_part(args, "train", ["--precision", precision])
         if "train_bf16" not in res:
-            res["train_bf16"] = {"skipped": SKIP_BF16.format(**res.get("peak", {}))}
+            peak = res.get("peak", {})
+            measured = "peak_bf16_gflops" in peak and "peak_fp32_gflops" in peak
+            res["train_bf16"] = {"skipped": SKIP_BF16.format(**peak) if measured and not args.train_precisions
+                                 else "not run: not requested (--train-precisions)"}
     if "sample" in wanted:
         res["sample"] = run_part(args, "sample", [])
     if "cache" in wanted:

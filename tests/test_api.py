@@ -144,3 +144,21 @@ def test_render_ids_shows_masks_and_matches_decode_without_them(tiny_vocab):
     text = ev.render_ids(v, partly)
     assert text.split()[1] == "_" and text.count("_") == 1
     assert ev.render_ids(v, [v.MASK] * 5 + [v.PAD]) == "_ _ _ _ _"
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_bf16_checkpoint_runs_in_fp32_where_bf16_is_slow(tiny_checkpoint, tmp_path, monkeypatch, fast):
+    import shutil
+
+    import sgdd.precision
+
+    ck = tmp_path / "bf16_ckpt"
+    shutil.copytree(tiny_checkpoint, ck)
+    cfg_file = ck / "config.yaml"
+    text = cfg_file.read_text()
+    assert text.count("precision: fp32") == 2  # training and encoder sections of the tiny checkpoint
+    cfg_file.write_text(text.replace("precision: fp32", "precision: bf16"))
+    monkeypatch.setattr(sgdd.precision, "bf16_is_fast", lambda device="cpu": fast)
+    loaded = SGDD.from_pretrained(ck, device="cpu")
+    expected = "bf16" if fast else "auto"
+    assert (loaded.cfg.training.precision, loaded.cfg.encoder.precision) == (expected, expected)

@@ -266,7 +266,9 @@ def test_generate_bad_input_is_one_line(case, tiny_checkpoint, broken, monkeypat
     assert_one_line_error(code, err, *needles)
 
 
-@pytest.mark.parametrize("case", ["bad_utf8", "missing_checkpoint", "paraphrase_rerank", "no_valid_split"])
+@pytest.mark.parametrize(
+    "case", ["bad_utf8", "missing_checkpoint", "paraphrase_rerank", "paraphrase_refine", "no_valid_split"]
+)
 def test_evaluate_bad_input_is_one_line(case, tiny_checkpoint, broken, monkeypatch, capsys, tmp_path):
     ck = str(tiny_checkpoint)
     if case == "no_valid_split":  # the corpus the checkpoint was trained on is gone: say to pass --data
@@ -283,6 +285,8 @@ def test_evaluate_bad_input_is_one_line(case, tiny_checkpoint, broken, monkeypat
         ),
         "missing_checkpoint": (["--checkpoint", str(broken / "nope")], ["does not exist"]),
         "paraphrase_rerank": (["--checkpoint", ck, "--mode", "paraphrase", "--rerank", "3"], ["rerank"]),
+        "paraphrase_refine": (["--checkpoint", ck, "--mode", "paraphrase", "--refine", "2"],
+                              ["refine applies to reconstruction"]),
         "no_valid_split": (["--checkpoint", ck], ["--data FILE", "gone.txt"]),
     }[case]
     code, out, err = run_in_process("evaluate.py", args, monkeypatch, capsys)

@@ -123,3 +123,16 @@ def test_override_into_an_empty_yaml_section(tmp_path):
 def test_betas_must_be_two_numbers():
     with pytest.raises(ConfigError, match="betas"):
         load_config(None, ["training.betas=[0.9]"])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["diffusion.softmax_sample=-1"], "softmax_sample must be >= 0"),
+        (["diffusion.softmax_sample=64", "diffusion.process=score_entropy", "sampling.sampler=euler"],
+         "softmax_sample works with diffusion.process = masked only"),
+    ],
+)
+def test_softmax_sample_is_validated(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, overrides)

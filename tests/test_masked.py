@@ -32,9 +32,12 @@ class TableModel(torch.nn.Module):
         self.table = torch.nn.Parameter(torch.randn(B, L, V, generator=g))
         self.calls = []
 
-    def forward(self, x_t, t, z, uncond=None, select=None):
+    def forward(self, x_t, t, z, uncond=None, select=None, columns=None, target=None):
         self.calls.append((x_t.clone(), t.clone(), None if select is None else select.clone()))
-        return self.table if select is None else self.table[select]
+        out = self.table if select is None else self.table[select]
+        if columns is not None:  # the Decoder's sampled-softmax contract
+            out = torch.cat([out[:, columns], out.gather(1, target[:, None])], dim=1)
+        return out
 
 
 def clean_batch(B=6, L=9, seed=0):
@@ -239,3 +242,63 @@ def test_tiny_decoder_overfits_a_handful_of_sequences(one_thread):
         pred = p.clean_logits(dec, x_t, torch.ones(B), z).argmax(-1)
     acc = (pred == x0).float().mean()
     assert acc > 0.95, f"token accuracy {acc:.3f} after {time.monotonic() - start:.1f}s"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampled softmax (diffusion.softmax_sample)
+
+
+def sampled_process(K, weighting="elbo", counts=None) -> MaskedProcess:
+    cfg = Config()
+    cfg.diffusion = dataclasses.replace(cfg.diffusion, loss_weighting=weighting, softmax_sample=K)
+    proc = PROCESSES.get("masked")(cfg)
+    proc.set_token_counts(torch.arange(V) if counts is None else counts)
+    return proc
+
+
+def test_sampled_softmax_over_every_id_is_the_full_cross_entropy():
+    """K >= V: nothing is drawn, the columns are the whole vocabulary but [MASK], so the loss is exact."""
+    x0 = clean_batch()
+    model = TableModel(*x0.shape)
+    t = torch.full((x0.shape[0],), 0.7)
+    z = torch.zeros(x0.shape[0], 4)
+    full = make_process()._terms(model, x0, z, None, t, torch.Generator().manual_seed(5))[2]
+    part = sampled_process(V)._terms(model, x0, z, None, t, torch.Generator().manual_seed(5), sampled=True)[2]
+    assert full.shape == part.shape and full.numel() > 0
+    assert torch.allclose(full, part, atol=1e-5)
+
+
+def test_sampled_softmax_normaliser_is_unbiased():
+    """The columns' exp-sum, averaged over draws, is the full normaliser without the target's own term."""
+    proc = sampled_process(4)  # 4 frequent ids (PAD, EOS and the two most counted), 2 of the other 7 drawn
+    assert set(proc._frequent.tolist()) == {0, 2, V - 1, V - 2}
+    assert MASK_ID not in proc._rest.tolist() and proc._rest.numel() == V - 1 - 4
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 2
+    g = torch.Generator().manual_seed(1)
+    draws = []
+    for _ in range(4000):
+        cols, logw = proc._sample_columns("cpu", g)
+        assert cols.numel() == 6 and len(set(cols.tolist())) == 6
+        draws.append(float(torch.exp(logits[cols] + logw).sum()))
+    exact = float(torch.exp(logits[torch.arange(V) != MASK_ID]).sum())
+    assert sum(draws) / len(draws) == pytest.approx(exact, rel=0.03)
+
+
+def test_sampled_softmax_is_used_in_training_only_and_needs_counts():
+    x0 = clean_batch()
+    model = TableModel(*x0.shape)
+    z = torch.zeros(x0.shape[0], 4)
+    proc = sampled_process(3)
+    loss, _ = proc.loss(model, x0, z)
+    loss.backward()
+    assert model.table.grad is not None and torch.isfinite(loss)
+    with torch.no_grad():  # evaluation: the full vocabulary, exactly the unsampled process
+        torch.manual_seed(9)
+        a = proc.loss(model, x0, z)[0]
+        torch.manual_seed(9)
+        b = make_process().loss(model, x0, z)[0]
+    assert float(a) == pytest.approx(float(b))
+    cfg = Config()
+    cfg.diffusion = dataclasses.replace(cfg.diffusion, softmax_sample=3)
+    with pytest.raises(RuntimeError, match="set_token_counts"):
+        PROCESSES.get("masked")(cfg).loss(model, x0, z)

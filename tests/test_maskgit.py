@@ -382,7 +382,7 @@ def test_defer_end_commits_pad_and_eos_last():
 
 def test_position_penalty_decodes_left_to_right():
     """Confidence grows to the right: plain MaskGIT commits the right end first; a large position penalty
-    commits exactly the schedule's count of leftmost masked positions at every step; a small one blends."""
+    commits exactly the schedule's count of leftmost masked positions at every step."""
     B, Lr, K = 1, 8, 4
     target = torch.tensor([[6, 7, 8, 9, 10, 11, EOS, PAD]])
     margin = torch.linspace(1.0, 3.0, Lr)[None, :]

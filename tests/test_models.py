@@ -189,6 +189,26 @@ def test_select_returns_the_rows_of_the_full_output(tied):
     assert torch.allclose(part, full[select], atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_sampled_columns_are_the_full_logits_at_those_ids_plus_the_target(tied):
+    dec = Decoder(tiny_cfg(tie_embeddings=tied, bow_head=True), V, L).eval()
+    perturb_modulation(dec)
+    with torch.no_grad():
+        dec.bow_scale.fill_(0.7)  # the bag-of-words prior must follow the columns too
+    x, t, z = inputs()
+    select = torch.rand(3, L, generator=torch.Generator().manual_seed(2)) < 0.5
+    target = torch.randint(0, V, (int(select.sum()),), generator=torch.Generator().manual_seed(3))
+    cols = torch.tensor([5, 0, 9, 2])
+    with torch.no_grad():
+        full = dec(x, t, z, select=select)  # (N, V)
+        part = dec(x, t, z, select=select, columns=cols, target=target)
+    assert part.shape == (full.shape[0], cols.numel() + 1)
+    assert torch.allclose(part[:, :-1], full[:, cols], atol=1e-5)
+    assert torch.allclose(part[:, -1], full.gather(1, target[:, None])[:, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="columns needs select and target"):
+        dec(x, t, z, columns=cols)
+
+
 def test_untied_output_layer_starts_at_zero_logits():
     dec = Decoder(tiny_cfg(tie_embeddings=False, bow_head=False), V, L)
     x, t, z = inputs()

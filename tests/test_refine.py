@@ -51,7 +51,7 @@ def test_hill_climb_never_decreases_and_reaches_the_target():
 
     best, cos, history = refine(start, fill, score, rounds=12, candidates=6, mask_frac=0.5, mask_id=MASK,
                                 pad_id=PAD, spare=0, generator=gen)
-    assert all(b >= a for a, b in zip(history, history[1:]))
+    assert all(b >= a for a, b in zip(history, history[1:], strict=False))
     assert history[-1] > history[0]
     assert torch.equal(best, target)
     assert torch.allclose(cos, score(best, torch.arange(2)))
@@ -100,13 +100,25 @@ def test_bad_refine_settings_are_config_errors():
                            "sampling.refine=2"])
 
 
-def test_api_refine_never_scores_below_its_start(tiny_checkpoint, real_sentences):
+def test_api_refine_never_scores_below_its_start(tiny_checkpoint, real_sentences, monkeypatch):
+    import sgdd.sampling.refine as refine_module
     from sgdd.api import SGDD
 
+    histories = []
+    original = refine_module.refine
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        histories.append(out[2])
+        return out
+
+    monkeypatch.setattr(refine_module, "refine", spy)
     model = SGDD.from_pretrained(tiny_checkpoint, device="cpu")
     texts = real_sentences[:3]
     plain = model.reconstruct(texts, steps=4)
+    assert histories == []  # refine is off by default
     refined = model.reconstruct(texts, steps=4, refine=2, refine_candidates=3, refine_steps=2)
+    assert len(histories) == 1 and len(histories[0]) == 3  # the start and two rounds
     assert len(refined) == 3 and all(isinstance(t, str) for t in refined)
     e = model.encode(texts)
     # the start is the plain decode re-tokenised; its cosine is what refinement can only improve on

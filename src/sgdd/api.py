@@ -63,6 +63,7 @@ class SGDD:
         ckpt = load_checkpoint(path)
         cfg = ckpt.config
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _inference_precision(cfg, device)
         encoder_dim = _encoder_dim_from_state(ckpt.model_state)
         tokenizer = _load_tokenizer(cfg)
         vocab = Vocab.load(ckpt.vocab_path, tokenizer)
@@ -131,7 +132,7 @@ class SGDD:
         from sgdd.sampling import build_sampler
 
         sampler = build_sampler(cfg)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         out: list[str] = []
         bs = cfg.sampling.batch_size
         for i in range(0, z.shape[0], bs):
@@ -164,7 +165,7 @@ class SGDD:
         import torch.nn.functional as F
 
         from sgdd.data import make_batch
-        from sgdd.generation import autocast_ctx
+        from sgdd.precision import autocast
         from sgdd.sampling.maskgit import MaskGITSampler
         from sgdd.sampling.refine import refine
 
@@ -177,13 +178,13 @@ class SGDD:
             s, sampler="maskgit", steps=s.refine_steps, gumbel_noise=max(s.gumbel_noise, 1.0), remask=0.0))
         sampler = MaskGITSampler(fill_cfg)
         z_rows = mu.repeat_interleave(C, 0)
-        gen = torch.Generator().manual_seed(seed + 7)
+        gen = torch.Generator(device=self.device).manual_seed(seed + 7)
         target = e.float().to(self.device)
 
         def fill(xm: torch.Tensor) -> torch.Tensor:
             out = []
             for i in range(0, xm.shape[0], s.batch_size):
-                with autocast_ctx(cfg.training.precision, self.device):
+                with autocast(cfg.training.precision, self.device):
                     out.append(sampler.sample(self.net.decoder, self.process, z_rows[i : i + s.batch_size], None,
                                               s.cfg_scale, generator=gen, init=xm[i : i + s.batch_size]))
             return torch.cat(out)
@@ -226,10 +227,10 @@ class SGDD:
         cfg = self._sampling_cfg(temperature=temperature, cfg_scale=cfg_scale, greedy=False, **sampling)
         e = self.encode(texts).to(self.device)
         mu, logvar = self.net.vib.posterior(e)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         std = (0.5 * logvar.float()).exp()
         z = mu.repeat_interleave(n, 0) + std.repeat_interleave(n, 0) * torch.randn(
-            mu.shape[0] * n, mu.shape[1], generator=gen).to(mu.device)
+            mu.shape[0] * n, mu.shape[1], generator=gen, device=gen.device)
         flat = self._decode(z, cfg, seed)
         return [flat[i * n : (i + 1) * n] for i in range(len(texts))]
 
@@ -243,6 +244,18 @@ class SGDD:
         w = torch.linspace(0, 1, n, device=mu.device).unsqueeze(1)  # (n, 1)
         z = (1 - w) * mu[0:1] + w * mu[1:2]
         return self._decode(z, cfg, seed)
+
+
+def _inference_precision(cfg: Config, device: str) -> None:
+    """A checkpoint trained with an explicit bf16 decodes and encodes in `auto` (fp32) on a device where bf16 is
+    slow (emulated bf16 on an AVX2-only CPU is hundreds of times slower); nothing else changes."""
+    from sgdd.precision import bf16_is_fast
+
+    for name, section in (("training", cfg.training), ("encoder", cfg.encoder)):
+        if section.precision == "bf16" and not bf16_is_fast(device):
+            log.info("%s.precision of this checkpoint is bf16, which is slow on %s: running in fp32 (auto) instead",
+                     name, device)
+            section.precision = "auto"
 
 
 def _encoder_dim_from_state(state: dict[str, torch.Tensor]) -> int:

@@ -62,6 +62,10 @@ class DiffusionConfig:
     # masked process
     schedule: str = "cosine"  # cosine | loglinear
     loss_weighting: str = "elbo"  # elbo (MDLM weight, sum over masked tokens / tokens) | uniform (mean CE)
+    # training-time sampled softmax (masked process): 0 = the full output product; K > 0 scores the K most
+    # frequent training tokens, K // 2 others drawn uniformly (importance-corrected) and each row's own target.
+    # Validation NLL and sampling always use the full vocabulary.
+    softmax_sample: int = 0
     # score-entropy process (SEDD)
     graph: str = "absorbing"  # absorbing | uniform
     noise: str = "loglinear"  # loglinear | geometric
@@ -404,6 +408,12 @@ def validate_config(cfg: Config, where: str = "config") -> None:
             raise ConfigError(f"{where}: {key} must be positive, got {value}")
     if cfg.data.min_tokens >= cfg.data.max_length:
         raise ConfigError(f"{where}: data.min_tokens ({cfg.data.min_tokens}) must be below data.max_length")
+    if cfg.diffusion.softmax_sample < 0:
+        raise ConfigError(f"{where}: diffusion.softmax_sample must be >= 0 (0 = full softmax), got "
+                          f"{cfg.diffusion.softmax_sample}")
+    if cfg.diffusion.softmax_sample > 0 and d.process != "masked":
+        raise ConfigError(f"{where}: diffusion.softmax_sample works with diffusion.process = masked only; "
+                          "set it to 0 for score_entropy")
     if cfg.sampling.refine < 0:
         raise ConfigError(f"{where}: sampling.refine must be >= 0 (rounds; 0 = off), got {cfg.sampling.refine}")
     if not 0.0 < cfg.sampling.refine_mask <= 1.0:

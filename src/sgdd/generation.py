@@ -7,18 +7,10 @@ which the model fills with PAD after the end token, as it learned from the rando
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from sgdd.config import Config
-from sgdd.precision import autocast as precision_autocast
-
-
-def autocast_ctx(precision: str, device: torch.device | str = "cpu"):
-    """bf16 autocast for the network where bf16 is fast (precision auto / bf16, see sgdd.precision); else a
-    no-op (fp32)."""
-    return precision_autocast(precision, device)
+from sgdd.precision import autocast
 
 
 def length_quantile(logits: torch.Tensor, q: float) -> torch.Tensor:
@@ -60,7 +52,7 @@ def decode_latents(
     if lengths is None:
         lengths = choose_lengths(net, z, cfg)
     device = z.device
-    with autocast_ctx(cfg.training.precision, device):
+    with autocast(cfg.training.precision, device):
         ids = sampler.sample(net.decoder, process, z, lengths, scale, generator=generator, callback=callback)
     return [vocab.decode(row) for row in ids.tolist()]
 

@@ -4,11 +4,11 @@ bf16 autocast is about 3-4x faster than fp32 on CPUs with native bf16 instructio
 on recent GPUs, but hundreds of times slower where bf16 is emulated: on an AVX2-only CPU torch 2.15 multiplies
 bf16 matrices at ~0.3 GFLOP/s against ~140 GFLOP/s in fp32. A fixed bf16 default would make training and the
 embedding cache unusable there, so the default is `auto`: bf16 when it is measured to be faster than fp32 on
-the device at hand, else fp32.
+the device at hand (by more than ~1.1x: the 256^3 probe is noisy), else fp32.
 
 - CUDA: bf16 when `torch.cuda.is_bf16_supported()`.
 - CPU: a micro-benchmark (a 256^3 matmul in each dtype, best of a few runs, ~10 ms where bf16 is native and
-  ~0.2 s where it is emulated), run once per process and cached.
+  ~0.4 s where it is emulated), run once per process (at the thread count of that first call) and cached.
 - An explicit `bf16` on a device where it is slow is kept (the user asked for it) with one warning saying how
   much slower it is.
 
@@ -45,9 +45,10 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 256, reps: int = 3) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_matmul_times() -> tuple[float, float]:
-    """(bf16 seconds, fp32 seconds) for one 256^3 matmul on this CPU with torch's current thread count."""
+    """(bf16 seconds, fp32 seconds) for one 256^3 matmul on this CPU, measured once per process at the thread
+    count of the first call."""
     return _matmul_seconds(torch.bfloat16), _matmul_seconds(torch.float32)
 
 

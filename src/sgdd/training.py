@@ -36,8 +36,8 @@ from sgdd.checkpoint import (
     save_checkpoint,
 )
 from sgdd.config import Config
-from sgdd.generation import autocast_ctx, decode_in_batches
-from sgdd.precision import resolve_precision
+from sgdd.generation import decode_in_batches
+from sgdd.precision import autocast, resolve_precision
 from sgdd.tracking import Tracker
 
 log = logging.getLogger("sgdd")
@@ -185,7 +185,7 @@ def pretrain_latent(
         e = torch.as_tensor(train_emb[idx], dtype=torch.float32, device=device)
         for g in opt.param_groups:
             g["lr"] = tc.latent_pretrain_lr * min(1.0, (step + 1) / warmup)
-        with autocast_ctx(tc.precision, device):
+        with autocast(tc.precision, device):
             z, kl = net.vib(e)
             loss, recall = bow_loss(dec, z, x0, pad_id)
             total = loss + cfg.model.kl_weight * kl.mean()
@@ -203,6 +203,12 @@ def pretrain_latent(
                      (step + 1) * B / max(1e-9, time.monotonic() - t0))
     return {"pretrain/bow_loss": loss_f, "pretrain/bow_recall": recall, "pretrain/kl": kl_f,
             "pretrain/seconds": time.monotonic() - t0}
+
+
+def token_counts(token_lists, vocab_size: int) -> np.ndarray:
+    """How often each decoder id occurs in the token lists (vocab_size,) int64."""
+    flat = np.fromiter((i for ids in token_lists for i in ids), dtype=np.int64)
+    return np.bincount(flat, minlength=vocab_size)[:vocab_size]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -338,7 +344,7 @@ def validation_loss(step_module: TrainStep, batches: list[tuple[torch.Tensor, to
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
         for x0, e in batches:
-            with autocast_ctx(cfg.training.precision, x0.device):
+            with autocast(cfg.training.precision, x0.device):
                 _, metrics = step_module(x0, e, torch.zeros(x0.shape[0], dtype=torch.bool), 0.0)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -349,7 +355,7 @@ def validation_loss(step_module: TrainStep, batches: list[tuple[torch.Tensor, to
 def reconstruct(net, process, sampler, vocab, emb: torch.Tensor, cfg: Config, seed: int = 0) -> list[str]:
     """Greedy reconstructions of encoder vectors emb (N, De) with the posterior mean."""
     net.eval()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=emb.device).manual_seed(seed)
     z, _ = net.vib(emb)
     return decode_in_batches(net, process, sampler, vocab, z, cfg, cfg.sampling.batch_size, generator=gen)
 
@@ -424,6 +430,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                                            seed=cfg.training.seed)
         pretrain_seconds = pretrain_metrics["pretrain/seconds"]
     process = build_process(cfg)
+    if cfg.diffusion.softmax_sample > 0:
+        process.set_token_counts(token_counts(data.train_tokens, len(vocab)))
     sampler = build_sampler(cfg)
     step_module = TrainStep(net, process, vocab.PAD, cfg.model.bow_weight).to(device)
     ddp_module: nn.Module = step_module
@@ -564,7 +572,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                 last_micro = micro == tc.grad_accum - 1
                 sync_ctx = ddp_module.no_sync() if (d.world > 1 and not last_micro) else contextlib.nullcontext()
                 with sync_ctx:
-                    with autocast_ctx(tc.precision, device):
+                    with autocast(tc.precision, device):
                         loss, metrics = ddp_module(x0, e, uncond.to(device), klw)
                     # backward even on a non-finite loss so every DDP rank joins the same all-reduce
                     (loss / tc.grad_accum).backward()

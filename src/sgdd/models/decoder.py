@@ -283,17 +283,36 @@ class Decoder(nn.Module):
         z: torch.Tensor,
         uncond: torch.Tensor | None = None,
         select: torch.Tensor | None = None,
+        columns: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_t (B, L) long, t (B,) in [0, 1], z (B, Dz), uncond (B,) bool, select (B, L) bool ->
-        logits (B, L, V), or (N, V) for the N selected positions in row-major order."""
+        logits (B, L, V), or (N, V) for the N selected positions in row-major order.
+
+        Sampled-softmax training (`columns` (C,) vocabulary ids and `target` (N,), with `select`): logits
+        (N, C + 1), the C columns followed by each row's logit of its own target; the (D x V) product shrinks
+        to (D x (C + 1))."""
         h, c, z_eff = self._hidden(x_t, t, z, uncond)
-        logits = self.final(h, c, select, self.tok_emb.weight if self.tie_embeddings else None)
+        embedding = self.tok_emb.weight if self.tie_embeddings else None
+        if columns is None:
+            logits = self.final(h, c, select, embedding)
+        else:
+            if select is None or target is None:
+                raise ValueError("columns needs select and target (sampled-softmax training)")
+            f = self.final.features(h, c, select)  # (N, D)
+            logits = torch.cat(
+                [self.final.project(f, embedding, columns), self.final.target_logits(f, target, embedding)[:, None]],
+                dim=1,
+            )  # (N, C + 1)
         if self.bow_mlp is None:
             return logits
         prior = self.bow_prior(z_eff, x_t)  # (B, V)
         if select is None:
             return logits + self.bow_scale * prior[:, None, :].to(logits.dtype)
         rows = torch.arange(x_t.shape[0], device=x_t.device)[:, None].expand_as(select)[select]  # (N,)
+        if columns is not None:
+            prior = torch.cat([prior[:, columns][rows], prior[rows, target][:, None]], dim=1)  # (N, C + 1)
+            return logits + self.bow_scale * prior.to(logits.dtype)
         return logits + self.bow_scale * prior[rows].to(logits.dtype)
 
     def bow_prior(self, z: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:

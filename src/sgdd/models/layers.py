@@ -234,11 +234,36 @@ class FinalLayer(nn.Module):
         embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # h (B, L, D); c (B, Dc); select (B, L) bool; embedding (V, D) when tied
+        return self.project(self.features(h, c, select), embedding)
+
+    def features(self, h: torch.Tensor, c: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """The vectors the output table scores: (B, L, D), or (N, D) at the selected positions."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         h = modulate(self.norm(h), shift, scale)
         if select is not None:
             h = h[select]  # (N, D), row-major: only these rows pay for the (D x V) product
         if self.tied:
             h = self.transform_norm(self.act(self.transform(h)))
-            return F.linear(h, embedding, self.bias)
-        return self.linear(h)
+        return h
+
+    def output_table(self, embedding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (V, D), bias (V,)) of the output product."""
+        if self.tied:
+            return embedding, self.bias
+        return self.linear.weight, self.linear.bias
+
+    def project(
+        self, f: torch.Tensor, embedding: torch.Tensor | None = None, columns: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """features (..., D) -> logits (..., V), or (..., C) over the vocabulary ids `columns` (C,)."""
+        weight, bias = self.output_table(embedding)
+        if columns is not None:
+            weight, bias = weight[columns], bias[columns]
+        return F.linear(f, weight, bias)
+
+    def target_logits(
+        self, f: torch.Tensor, target: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """features (N, D), target ids (N,) -> each row's logit of its own target (N,)."""
+        weight, bias = self.output_table(embedding)
+        return (f * weight[target].to(f.dtype)).sum(-1) + bias[target].to(f.dtype)

@@ -47,6 +47,6 @@ class SGDDNet(nn.Module):
         )
         self.length_head = LengthHead(m.latent_dim, cfg.data.max_length) if m.length_head else None
 
-    def forward(self, x_t, t, z, uncond=None, select=None) -> torch.Tensor:
+    def forward(self, x_t, t, z, uncond=None, select=None, columns=None, target=None) -> torch.Tensor:
         """Same as self.decoder(...)."""
-        return self.decoder(x_t, t, z, uncond, select)
+        return self.decoder(x_t, t, z, uncond, select, columns, target)
