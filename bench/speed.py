@@ -283,7 +283,7 @@ def part_train(args: argparse.Namespace, sizes: Sizes) -> dict:
     from sgdd.data import LengthBucketSampler, make_batch
     from sgdd.diffusion import build_process
     from sgdd.precision import autocast
-    from sgdd.training import EMA, TrainStep, param_groups
+    from sgdd.training import EMA, TrainStep, param_groups, token_counts
 
     extra = [f"training.precision={args.precision}"]
     if sizes.train_batch_size:
@@ -293,6 +293,8 @@ def part_train(args: argparse.Namespace, sizes: Sizes) -> dict:
     material = load_material(cfg)
     cfg, net = build_fresh_net(cfg, material)
     process = build_process(cfg)
+    if cfg.diffusion.softmax_sample > 0:  # as training does: the sampled softmax's frequent ids
+        process.set_token_counts(token_counts(material.tokens, len(material.vocab)))
     tc = cfg.training
     step_module = TrainStep(net, process, material.vocab.PAD, cfg.model.bow_weight)
     # as training.train builds it (fused AdamW)

@@ -56,6 +56,27 @@ def test_train_runs_and_checkpoints(tmp_path, real_sentences):
     assert (result.run_dir / "step-0000003").is_dir() and (result.run_dir / "step-0000006").is_dir()
 
 
+def test_training_with_the_sampled_softmax_counts_tokens_and_runs(tmp_path, real_sentences, monkeypatch):
+    from sgdd.diffusion.masked import MaskedProcess
+    from sgdd.training import token_counts
+
+    assert token_counts([[3, 4, 4], [4, 7]], 9).tolist() == [0, 0, 0, 1, 3, 0, 0, 1, 0]
+    draws = []
+    original = MaskedProcess._sample_columns
+
+    def spy(self, device, generator=None):
+        cols, logw = original(self, device, generator)
+        draws.append(cols.numel())
+        return cols, logw
+
+    monkeypatch.setattr(MaskedProcess, "_sample_columns", spy)
+    losses: list = []
+    overrides = tiny_train_overrides(tmp_path, real_sentences[:48]) + ["diffusion.softmax_sample=16"]
+    result = train(load_config(None, overrides), log_losses=losses)
+    assert result.step == 6 and all(math.isfinite(v) for _, v in losses)
+    assert draws == [16 + 8] * 6  # one draw per training step; validation uses the full vocabulary
+
+
 def test_resume_continues_with_identical_losses(tmp_path, real_sentences):
     full: list = []
     (tmp_path / "a").mkdir()

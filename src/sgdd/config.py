@@ -165,7 +165,7 @@ class SamplingConfig:
     # confidence order; large (e.g. 100) = left to right, a few tokens per step
     position_penalty: float = 0.0
     length: str = "predict"  # predict (length head quantile + length_slack) | max (always data.max_length)
-    length_quantile: float = 0.8  # decode this quantile of the length head's distribution ...
+    length_quantile: float = 0.5  # decode this quantile of the length head's distribution ...
     length_slack: int = 2  # ... plus this many spare positions (the model ends the sentence itself)
     rerank: int = 1  # best-of-K by re-embedding cosine; 1 = off
     # encoder-guided refinement (sgdd.sampling.refine): rounds of "re-mask a fraction of the hypothesis, refill
