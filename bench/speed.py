@@ -389,7 +389,9 @@ def sampler_config(cfg, name: str):
     d = cfg.diffusion
     own = SAMPLERS_FOR.get((d.process, d.graph if d.process == "score_entropy" else None), ())
     if name not in own:
-        d = dataclasses.replace(d, process="score_entropy" if name in ("euler", "analytic") else "masked")
+        # softmax_sample is a masked-process training option; sampling never uses it
+        d = dataclasses.replace(d, process="score_entropy" if name in ("euler", "analytic") else "masked",
+                                softmax_sample=0)
     out = dataclasses.replace(cfg, diffusion=d, sampling=dataclasses.replace(cfg.sampling, sampler=name))
     validate_config(out, f"bench sampler {name}")
     return out
