@@ -28,6 +28,9 @@ def main() -> int:
     ap.add_argument("--rerank", type=int, help="best of K decodes by re-embedding cosine (reconstruct)")
     ap.add_argument("--refine", type=int,
                     help="rounds of encoder-guided refinement after decoding (reconstruct; 0 = off)")
+    ap.add_argument("--length-quantile", type=float,
+                    help="decode this quantile of the length head's distribution (+ sampling.length_slack); "
+                         "default: the checkpoint's (0.5 for new ones)")
     ap.add_argument("--batch-size", type=int, help="sentences decoded per batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-paraphrases", type=int, default=5, help="paraphrase mode: outputs per sentence")
@@ -53,6 +56,7 @@ def main() -> int:
         sampler=args.sampler,
         rerank=args.rerank,
         refine=args.refine,
+        length_quantile=args.length_quantile,
         batch_size=args.batch_size,
     )
     return 0

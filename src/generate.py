@@ -38,6 +38,9 @@ def main() -> int:
     ap.add_argument("--rerank", type=int, help="best of K decodes by re-embedding cosine (reconstruct)")
     ap.add_argument("--refine", type=int,
                     help="rounds of encoder-guided refinement after decoding (reconstruct; 0 = off)")
+    ap.add_argument("--length-quantile", type=float,
+                    help="decode this quantile of the length head's distribution (+ sampling.length_slack); "
+                         "default: the checkpoint's (0.5 for new ones)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--show-steps", action="store_true", help="print the text after every denoising step (_ = mask)"
@@ -67,6 +70,7 @@ def main() -> int:
         top_p=args.top_p,
         rerank=args.rerank,
         refine=args.refine,
+        length_quantile=args.length_quantile,
     )
     return 0
 

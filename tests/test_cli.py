@@ -121,6 +121,8 @@ def test_evaluate_end_to_end_writes_json(tiny_checkpoint, tmp_path):
         "3",
         "--rerank",
         "2",
+        "--length-quantile",
+        "0.3",
         "--output",
         str(out),
     )
@@ -154,6 +156,7 @@ def test_evaluate_end_to_end_writes_json(tiny_checkpoint, tmp_path):
     assert m["num_sentences"] == 4 and report["data"]["num_sentences"] == 4
     assert report["data"]["source"].startswith("validation split")  # default data: the config's valid split
     assert report["settings"]["steps"] == 3 and report["settings"]["rerank"] == 2
+    assert report["settings"]["length_quantile"] == 0.3
     assert Path(report["checkpoint"]).resolve() == Path(tiny_checkpoint).resolve()
     assert report["checkpoint_meta"]["step"] == 20
     assert report["config"]["model"]["hidden_size"] == 64
@@ -217,6 +220,7 @@ def broken(tiny_checkpoint, tmp_path_factory):
         "empty", "whitespace", "bad_utf8", "missing_file", "blank_file", "no_vocab", "truncated_header",
         "truncated_data", "other_size", "other_size_both", "run_folder", "interpolate_one", "interpolate_three",
         "unknown_sampler", "zero_steps", "show_steps_paraphrase", "refine_paraphrase", "negative_refine",
+        "length_quantile",
     ],
 )  # fmt: skip
 def test_generate_bad_input_is_one_line(case, tiny_checkpoint, broken, monkeypatch, capsys):
@@ -261,6 +265,8 @@ def test_generate_bad_input_is_one_line(case, tiny_checkpoint, broken, monkeypat
             ["--refine applies to --mode reconstruct"],
         ),
         "negative_refine": (["--checkpoint", ck, "--refine", "-1", "hi"], ["sampling.refine must be >= 0"]),
+        "length_quantile": (["--checkpoint", ck, "--length-quantile", "1.5", "hi"],
+                            ["sampling.length_quantile must be in (0, 1]"]),
     }[case]
     code, out, err = run_in_process("generate.py", args, monkeypatch, capsys)
     assert_one_line_error(code, err, *needles)

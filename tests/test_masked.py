@@ -257,19 +257,24 @@ def sampled_process(K, weighting="elbo", counts=None) -> MaskedProcess:
 
 
 def test_sampled_softmax_over_every_id_is_the_full_cross_entropy():
-    """K >= V: nothing is drawn, the columns are the whole vocabulary but [MASK], so the loss is exact."""
+    """K >= V: nothing is drawn, the columns are the whole vocabulary but [MASK], so loss and gradient are exact."""
     x0 = clean_batch()
-    model = TableModel(*x0.shape)
     t = torch.full((x0.shape[0],), 0.7)
     z = torch.zeros(x0.shape[0], 4)
-    full = make_process()._terms(model, x0, z, None, t, torch.Generator().manual_seed(5))[2]
-    part = sampled_process(V)._terms(model, x0, z, None, t, torch.Generator().manual_seed(5), sampled=True)[2]
-    assert full.shape == part.shape and full.numel() > 0
-    assert torch.allclose(full, part, atol=1e-5)
+    ces, grads = [], []
+    for proc, sampled in ((make_process(), False), (sampled_process(V), True)):
+        model = TableModel(*x0.shape)
+        ce = proc._terms(model, x0, z, None, t, torch.Generator().manual_seed(5), sampled=sampled)[2]
+        ce.sum().backward()
+        ces.append(ce.detach())
+        grads.append(model.table.grad)
+    assert ces[0].shape == ces[1].shape and ces[0].numel() > 0
+    assert torch.allclose(ces[0], ces[1], atol=1e-5)
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
 def test_sampled_softmax_normaliser_is_unbiased():
-    """The columns' exp-sum, averaged over draws, is the full normaliser without the target's own term."""
+    """The columns' exp-sum (log-weights added), averaged over draws, is the normaliser over every id but [MASK]."""
     proc = sampled_process(4)  # 4 frequent ids (PAD, EOS and the two most counted), 2 of the other 7 drawn
     assert set(proc._frequent.tolist()) == {0, 2, V - 1, V - 2}
     assert MASK_ID not in proc._rest.tolist() and proc._rest.numel() == V - 1 - 4

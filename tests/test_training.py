@@ -71,7 +71,8 @@ def test_training_with_the_sampled_softmax_counts_tokens_and_runs(tmp_path, real
 
     monkeypatch.setattr(MaskedProcess, "_sample_columns", spy)
     losses: list = []
-    overrides = tiny_train_overrides(tmp_path, real_sentences[:48]) + ["diffusion.softmax_sample=16"]
+    overrides = tiny_train_overrides(tmp_path, real_sentences[:48]) + [
+        "diffusion.softmax_sample=16", "training.eval_every=3"]  # validation runs at steps 3 and 6
     result = train(load_config(None, overrides), log_losses=losses)
     assert result.step == 6 and all(math.isfinite(v) for _, v in losses)
     assert draws == [16 + 8] * 6  # one draw per training step; validation uses the full vocabulary

@@ -248,7 +248,8 @@ class SGDD:
 
 def _inference_precision(cfg: Config, device: str) -> None:
     """A checkpoint trained with an explicit bf16 decodes and encodes in `auto` (fp32) on a device where bf16 is
-    slow (emulated bf16 on an AVX2-only CPU is hundreds of times slower); nothing else changes."""
+    slow (emulated bf16 on an AVX2-only CPU is hundreds of times slower); nothing else changes. The change is in
+    the loaded config, so save_pretrained of such a model writes precision: auto (bf16 again where it is fast)."""
     from sgdd.precision import bf16_is_fast
 
     for name, section in (("training", cfg.training), ("encoder", cfg.encoder)):

@@ -414,6 +414,8 @@ def validate_config(cfg: Config, where: str = "config") -> None:
     if cfg.diffusion.softmax_sample > 0 and d.process != "masked":
         raise ConfigError(f"{where}: diffusion.softmax_sample works with diffusion.process = masked only; "
                           "set it to 0 for score_entropy")
+    if not 0.0 < cfg.sampling.length_quantile <= 1.0:
+        raise ConfigError(f"{where}: sampling.length_quantile must be in (0, 1], got {cfg.sampling.length_quantile}")
     if cfg.sampling.refine < 0:
         raise ConfigError(f"{where}: sampling.refine must be >= 0 (rounds; 0 = off), got {cfg.sampling.refine}")
     if not 0.0 < cfg.sampling.refine_mask <= 1.0:

@@ -21,7 +21,8 @@ whole vocabulary is replaced by an importance-sampled estimate over K + K // 2 c
 the training corpus (always scored) and K // 2 of the rest drawn uniformly without replacement (their exp
 weighted by |rest| / (K // 2)), plus each row's own target scored exactly. At 3 layers the full (D x V) output
 product is about a third of a training step's FLOPs; K = 2048 of V = 20k cuts it ~7x. Validation losses (no
-grad), `nll` and sampling use the full vocabulary.
+grad), `nll` and sampling use the full vocabulary; the training-step metrics (loss, ce, nll: the log of an
+estimate, biased low; acc: argmax over the step's columns) are over the sampled columns.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class MaskedProcess(Process):
 
     def set_token_counts(self, counts) -> None:
         """Training-corpus count of every decoder id (V,). With diffusion.softmax_sample = K > 0 the K most
-        frequent ids (PAD and the end token always among them) are scored in every training step and K // 2
+        frequent ids (PAD and the end token first) are scored in every training step and K // 2
         of the others are drawn uniformly per step; without K this is a no-op."""
         K = self.softmax_sample
         if K <= 0:

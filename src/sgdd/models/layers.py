@@ -266,4 +266,6 @@ class FinalLayer(nn.Module):
     ) -> torch.Tensor:
         """features (N, D), target ids (N,) -> each row's logit of its own target (N,)."""
         weight, bias = self.output_table(embedding)
-        return (f * weight[target].to(f.dtype)).sum(-1) + bias[target].to(f.dtype)
+        # a batched matmul, so autocast runs it in the same precision as `project`'s F.linear
+        dots = torch.bmm(f.unsqueeze(1), weight[target].unsqueeze(2)).reshape(-1)  # (N,)
+        return dots + bias[target].to(dots.dtype)
