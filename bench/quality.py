@@ -5,11 +5,17 @@ final EMA weights on held-out sentences through the sampler (16 MaskGIT steps wi
 
 The embedding cache is built before the clock starts. Prints the metrics, writes JSON to bench/out/ and appends
 a row to bench/RESULTS.md (date, commit, config, budget, metrics, command).
+
+    uv run python bench/quality.py --config configs/fiction_minilm.yaml --checkpoint checkpoints/RUN/latest
+
+skips training and evaluates an earlier run's weights, decoded with --config's sampling section (to measure a
+decoding change on the same weights); the row says which checkpoint and step it evaluated.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -46,6 +52,8 @@ def main() -> int:
     ap.add_argument("--refine", type=int, default=0,
                     help="also evaluate encoder-guided refinement (this many rounds) on the rerank subset; 0 = off")
     ap.add_argument("--refine-candidates", type=int, default=8)
+    ap.add_argument("--checkpoint", default=None,
+                    help="skip training: evaluate this checkpoint's EMA weights with --config's sampling section")
     ap.add_argument("--run-name", default=None)
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--note", default="", help="free text for the RESULTS.md row (what this experiment changes)")
@@ -68,10 +76,23 @@ def main() -> int:
     overrides = [f"training.max_minutes={args.minutes}", f"training.run_name={run_name}", "training.resume=",
                  "tracking.mode=disabled", *args.overrides]
     cfg = load_config(args.config, overrides)
-    prepare(cfg)  # cache built (or validated) before the clock starts
-    t0 = time.monotonic()
-    result = train(cfg)
-    train_s = time.monotonic() - t0
+    if args.checkpoint:
+        from sgdd.checkpoint import load_checkpoint
+
+        meta = load_checkpoint(args.checkpoint).meta
+        model = SGDD.from_pretrained(args.checkpoint)
+        model.cfg = dataclasses.replace(model.cfg, sampling=cfg.sampling)  # decode as --config says
+        steps, train_s, train_rate = int(meta.get("step", 0)), None, float("nan")
+        budget = f"checkpoint {args.checkpoint} (step {steps}), not retrained"
+    else:
+        prepare(cfg)  # cache built (or validated) before the clock starts
+        t0 = time.monotonic()
+        result = train(cfg)
+        train_s = time.monotonic() - t0
+        model = SGDD.from_pretrained(result.run_dir / "latest")  # final EMA weights
+        steps = result.step
+        train_rate = result.last_metrics.get("train/sentences_per_s", float("nan"))
+        budget = f"{args.minutes:g} min, {steps} steps, {train_rate:.1f} sent/s"
 
     valid_path = Path(args.valid) if args.valid else (ROOT / cfg.data.valid_path if cfg.data.valid_path else None)
     if valid_path is not None and valid_path.is_file():
@@ -80,7 +101,6 @@ def main() -> int:
         from sgdd.data import load_corpus
 
         sentences = load_corpus(cfg.data).valid[: args.num_valid]
-    model = SGDD.from_pretrained(result.run_dir / "latest")  # final EMA weights
     plain = evaluate_reconstruction(model, sentences, steps=16)
     print_report(plain)
     rr_sents = sentences[: args.num_rerank] if args.num_rerank > 0 else sentences
@@ -96,15 +116,15 @@ def main() -> int:
                                           refine_candidates=args.refine_candidates)
         print_report(refined)
 
-    train_rate = result.last_metrics.get("train/sentences_per_s", float("nan"))
     out = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "commit": git_commit(),
         "config": args.config,
         "overrides": args.overrides,
-        "minutes": args.minutes,
+        "checkpoint": args.checkpoint,
+        "minutes": None if args.checkpoint else args.minutes,
         "train_seconds": train_s,
-        "steps": result.step,
+        "steps": steps,
         "train_sentences_per_s": train_rate,
         "malloc_tuned": malloc_tuned,
         "plain": plain["metrics"],
@@ -122,8 +142,7 @@ def main() -> int:
     out_path = out_dir / f"{run_name}.json"
     out_path.write_text(json.dumps(out, indent=2, default=str))
     m, r = plain["metrics"], (reranked or {}).get("metrics", {})
-    row = (f"| {out['date']} | {out['commit']} | {args.config} {' '.join(args.overrides)} | {args.minutes:g} min, "
-           f"{result.step} steps, {train_rate:.1f} sent/s | {m.get('bleu', float('nan')):.2f} "
+    row = (f"| {out['date']} | {out['commit']} | {args.config} {' '.join(args.overrides)} | {budget} | {m.get('bleu', float('nan')):.2f} "
            f"(round trip {m.get('bleu_roundtrip', float('nan')):.2f}) | "
            f"{m.get('chrf', float('nan')):.1f} | {m.get('exact_match', float('nan')):.3f} | "
            f"{m.get('cosine', float('nan')):.3f} | {m.get('token_f1', float('nan')):.3f} | "

@@ -200,12 +200,14 @@ def load_material(cfg, num_synthetic: int = 4096) -> Material:
         say("embedding cache not built: corpus vocabulary and token lists, random unit vectors for e")
         vocab = Vocab.build(corpus.train_ids, tokenizer, prune=cfg.data.prune_vocab)
         tokens = [vocab.map_encoder_ids(ids) for ids in corpus.train_ids]
+        vocab.count_tokens(tokens)
         return Material("corpus", vocab, _encoder_dim(cfg), tokens, None, corpus.valid or corpus.train)
     special = set(tokenizer.all_special_ids)
     ids = [i for i in range(len(tokenizer)) if i not in special][: SYNTHETIC_VOCAB - 3]
     vocab = Vocab(Vocab.special_encoder_ids(tokenizer) + ids, tokenizer)
     rng = np.random.default_rng(0)
     tokens = [rng.integers(3, len(vocab), size=n).tolist() for n in synthetic_lengths(num_synthetic, cfg)]
+    vocab.count_tokens(tokens)
     held_out = [vocab.decode(t) for t in tokens[:256]]
     return Material("synthetic", vocab, _encoder_dim(cfg), tokens, None, held_out)
 
@@ -283,7 +285,7 @@ def part_train(args: argparse.Namespace, sizes: Sizes) -> dict:
     from sgdd.data import LengthBucketSampler, make_batch
     from sgdd.diffusion import build_process
     from sgdd.precision import autocast
-    from sgdd.training import EMA, TrainStep, param_groups, token_counts
+    from sgdd.training import EMA, TrainStep, param_groups
 
     extra = [f"training.precision={args.precision}"]
     if sizes.train_batch_size:
@@ -294,7 +296,7 @@ def part_train(args: argparse.Namespace, sizes: Sizes) -> dict:
     cfg, net = build_fresh_net(cfg, material)
     process = build_process(cfg)
     if cfg.diffusion.softmax_sample > 0:  # as training does: the sampled softmax's frequent ids
-        process.set_token_counts(token_counts(material.tokens, len(material.vocab)))
+        process.set_token_counts(material.vocab.counts)
     tc = cfg.training
     step_module = TrainStep(net, process, material.vocab.PAD, cfg.model.bow_weight)
     # as training.train builds it (fused AdamW)
@@ -462,10 +464,10 @@ def part_sample(args: argparse.Namespace, sizes: Sizes) -> dict:
         process = build_process(scfg)
         for B in sizes.sample_batches:
             warm = dataclasses.replace(scfg, sampling=dataclasses.replace(scfg.sampling, steps=2))
-            decode(warm, build_sampler(warm), process, 0, B, CFG_SCALE, 0)
+            decode(warm, build_sampler(warm, model.vocab.counts), process, 0, B, CFG_SCALE, 0)
             for steps in sizes.sample_steps:
                 kcfg = dataclasses.replace(scfg, sampling=dataclasses.replace(scfg.sampling, steps=steps))
-                sampler = build_sampler(kcfg)
+                sampler = build_sampler(kcfg, model.vocab.counts)
                 for scale in (CFG_SCALE, 1.0):
 
                     def run(rep: int, B=B, kcfg=kcfg, sampler=sampler, scale=scale, process=process) -> None:
@@ -491,7 +493,7 @@ def part_sample(args: argparse.Namespace, sizes: Sizes) -> dict:
     ecfg = dataclasses.replace(
         cfg, sampling=dataclasses.replace(cfg.sampling, steps=HEADLINE_STEPS, cfg_scale=CFG_SCALE)
     )
-    sampler, process = build_sampler(ecfg), build_process(ecfg)
+    sampler, process = build_sampler(ecfg, model.vocab.counts), build_process(ecfg)
     split = {"encode": 0.0, "total": 0.0}
 
     def end_to_end(rep: int) -> None:

@@ -41,6 +41,9 @@ def main() -> int:
     ap.add_argument("--length-quantile", type=float,
                     help="decode this quantile of the length head's distribution (+ sampling.length_slack); "
                          "default: the checkpoint's (0.5 for new ones)")
+    ap.add_argument("--repeat-penalty", type=float,
+                    help="MaskGIT: logit penalty per visible copy of a non-frequent token (0 = off); "
+                         "default: the checkpoint's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--show-steps", action="store_true", help="print the text after every denoising step (_ = mask)"
@@ -71,6 +74,7 @@ def main() -> int:
         rerank=args.rerank,
         refine=args.refine,
         length_quantile=args.length_quantile,
+        repeat_penalty=args.repeat_penalty,
     )
     return 0
 

@@ -273,4 +273,19 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     assert out["refine_settings"] == {"rounds": 1, "candidates": 2}
     assert out["malloc_tuned"] is (platform.libc_ver()[0] == "glibc")  # what src/train.py applies
     assert "refine 1 rounds x 2:" in rows[0] and "(round trip " in rows[0]
-    assert (tmp_path / "checkpoints" / "bench_smoke_test" / "latest").is_dir()
+    latest = tmp_path / "checkpoints" / "bench_smoke_test" / "latest"
+    assert latest.is_dir()
+
+    # --checkpoint: no training; the same weights decoded with --config's sampling section (overrides included)
+    again_json = ROOT / "bench" / "out" / "bench_smoke_test_ckpt.json"
+    again_json.unlink(missing_ok=True)
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--config", CONFIG, "--checkpoint", str(latest),
+           "--num-valid", "8", "--rerank", "1", "--run-name", "bench_smoke_test_ckpt", "--results", str(results),
+           *tiny_overrides(tiny_corpus, tmp_path), "sampling.repeat_penalty=2.5"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = [ln for ln in results.read_text().splitlines() if ln.startswith("| 20")]
+    assert len(rows) == 2 and f"checkpoint {latest} (step {out['steps']}), not retrained" in rows[1]
+    again = json.loads(again_json.read_text())
+    assert again["steps"] == out["steps"] and again["train_seconds"] is None and again["rerank"] is None
+    assert again["resolved_config"]["sampling"]["repeat_penalty"] == 2.5

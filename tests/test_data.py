@@ -271,6 +271,15 @@ def test_vocab_save_load(tmp_path, tiny_vocab, bundled_tokenizer):
     again = Vocab.load(tmp_path / "vocab.json", bundled_tokenizer)
     assert again.encoder_ids == tiny_vocab.encoder_ids
     assert again.encode("the war") == tiny_vocab.encode("the war")
+    assert again.counts is None  # never counted: older vocabulary files load the same way
+
+    counted = Vocab(tiny_vocab.encoder_ids, bundled_tokenizer)
+    counts = counted.count_tokens([[3, 4, 4], [4, 7]])
+    assert counts.tolist()[:9] == [0, 0, 0, 1, 3, 0, 0, 1, 0] and counts.shape == (len(counted),)
+    counted.save(tmp_path / "counted.json")
+    assert Vocab.load(tmp_path / "counted.json", bundled_tokenizer).counts.tolist() == counts.tolist()
+    with pytest.raises(ConfigError, match="token counts have shape"):
+        Vocab(tiny_vocab.encoder_ids, bundled_tokenizer, counts=[1, 2])
 
     class OtherTokenizer:
         def __len__(self):

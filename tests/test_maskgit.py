@@ -10,8 +10,10 @@ from sgdd.sampling.maskgit import (
     MaskGITSampler,
     choose_tokens,
     duplicate_predictions,
+    exempt_ids,
     filter_logits,
     masked_count,
+    penalize_repeats,
     ranks_in_rows,
     sample_categorical,
 )
@@ -281,6 +283,10 @@ def test_bad_settings_are_rejected():
         MaskGITSampler(make_cfg(remask=1.0))
     with pytest.raises(ConfigError):
         MaskGITSampler(make_cfg(top_p=0.0))
+    with pytest.raises(ConfigError, match="repeat_penalty"):
+        MaskGITSampler(make_cfg(repeat_penalty=-1.0))
+    with pytest.raises(ConfigError, match="repeat_exempt"):
+        MaskGITSampler(make_cfg(repeat_exempt=-1))
 
     class NoMask(FakeProcess):
         mask_id = None
@@ -400,3 +406,53 @@ def test_position_penalty_decodes_left_to_right():
             assert torch.equal(done, expected), (penalty, k, x)
     with pytest.raises(ConfigError, match="position_penalty"):
         MaskGITSampler(make_cfg(position_penalty=-1.0))
+
+
+def test_exempt_ids_are_the_most_frequent_and_the_specials():
+    counts = torch.tensor([0, 0, 50, 3, 90, 1, 7, 0, 0, 0, 0, 0])
+    assert exempt_ids(V, counts, 2, (PAD, EOS)).nonzero().flatten().tolist() == [0, 2, 4]
+    assert exempt_ids(V, None, 2, (PAD, EOS)).nonzero().flatten().tolist() == [0, 2]
+    with pytest.raises(ValueError, match="13 entries"):
+        exempt_ids(V, torch.ones(13), 2, (PAD,))
+
+
+def test_penalize_repeats_lowers_each_visible_copy_once():
+    x = torch.tensor([[5, MASK, 5, 4, MASK], [MASK, 6, EOS, PAD, PAD]])
+    select = x == MASK  # row 0 positions 1 and 4, row 1 position 0
+    logits = torch.zeros(3, V)
+    exempt = torch.zeros(V, dtype=torch.bool)
+    exempt[[PAD, EOS, 4]] = True
+    out = penalize_repeats(logits.clone(), x, select, exempt, 1.5, MASK)
+    expected = torch.zeros(3, V)
+    expected[:2, 5] = -3.0  # two visible fives in row 0; 4 is exempt, MASK never counts
+    expected[2, 6] = -1.5  # row 1: one six; EOS and PAD exempt
+    assert torch.equal(out, expected)
+    half = penalize_repeats(torch.zeros(3, V, dtype=torch.bfloat16), x, select, exempt, 1.5, MASK)
+    assert half.dtype == torch.float32 and torch.equal(half, expected)
+
+
+def test_repeat_penalty_stops_a_salient_word_filling_the_row():
+    """Every position slightly prefers token 5 over its own target: plain MaskGIT writes 5 everywhere; with the
+    penalty a committed 5 pushes the other positions to their own tokens, unless 5 is exempt as frequent."""
+    B, Lr, K = 2, 6, 6
+    target = torch.tensor([6, 7, 8, 9, 10, 11]).expand(B, Lr)
+    extra = torch.zeros(V)
+    extra[5] = 2.5  # beats each target's margin (2-3) only where the margin is below 2.5
+    counts = torch.arange(V, dtype=torch.float64)  # 11 most frequent ... 5 is not among the top 3
+    for penalty, top, most_fives in ((0.0, 0, Lr), (4.0, 3, 1), (4.0, 7, Lr)):
+        cfg = make_cfg(steps=K, cfg_scale=1.0, repeat_penalty=penalty, repeat_exempt=top)
+        model = TargetModel(target, torch.full((B, Lr), 2.0), extra)
+        out = MaskGITSampler(cfg, token_counts=counts).sample(model, FakeProcess(), torch.zeros(B, 4),
+                                                              torch.full((B,), Lr), 1.0)
+        fives = int((out == 5).sum(1).max())
+        assert fives == most_fives, (penalty, top, out)
+        if most_fives == 1:  # the rest are the positions' own targets
+            assert ((out == target) | (out == 5)).all()
+
+
+def test_repeat_penalty_without_counts_warns_and_spares_only_the_specials(caplog):
+    sampler = MaskGITSampler(make_cfg(repeat_penalty=1.0, repeat_exempt=10))
+    with caplog.at_level("WARNING", logger="sgdd"):
+        exempt = sampler.exempt(V, PAD)
+    assert "no training token counts" in caplog.text
+    assert exempt.nonzero().flatten().tolist() == [PAD, EOS]

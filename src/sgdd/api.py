@@ -131,7 +131,7 @@ class SGDD:
     def _decode(self, z: torch.Tensor, cfg: Config, seed: int, callback=None, lengths=None) -> list[str]:
         from sgdd.sampling import build_sampler
 
-        sampler = build_sampler(cfg)
+        sampler = build_sampler(cfg, token_counts=self.vocab.counts)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out: list[str] = []
         bs = cfg.sampling.batch_size
@@ -176,7 +176,7 @@ class SGDD:
         C = s.refine_candidates
         fill_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(
             s, sampler="maskgit", steps=s.refine_steps, gumbel_noise=max(s.gumbel_noise, 1.0), remask=0.0))
-        sampler = MaskGITSampler(fill_cfg)
+        sampler = MaskGITSampler(fill_cfg, token_counts=self.vocab.counts)
         z_rows = mu.repeat_interleave(C, 0)
         gen = torch.Generator(device=self.device).manual_seed(seed + 7)
         target = e.float().to(self.device)

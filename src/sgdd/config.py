@@ -164,6 +164,11 @@ class SamplingConfig:
     # MaskGIT: subtracted from a prediction's log-confidence per position to its right (ranking only): 0 = pure
     # confidence order; large (e.g. 100) = left to right, a few tokens per step
     position_penalty: float = 0.0
+    # MaskGIT: a token id already visible in the row has its logit lowered by this much per visible copy, except
+    # PAD / EOS and the repeat_exempt most frequent training ids (function words, punctuation: from the
+    # vocabulary's counts). Parallel decoding otherwise writes a salient content word into many positions. 0 = off
+    repeat_penalty: float = 0.0
+    repeat_exempt: int = 100
     length: str = "predict"  # predict (length head quantile + length_slack) | max (always data.max_length)
     length_quantile: float = 0.5  # decode this quantile of the length head's distribution ...
     length_slack: int = 2  # ... plus this many spare positions (the model ends the sentence itself)

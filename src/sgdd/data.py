@@ -415,14 +415,26 @@ class Vocab:
     Decoder ids 0, 1, 2 are PAD, MASK and EOS; they map to the tokenizer's pad, mask and end token (eos, or
     [SEP] for BERT vocabularies, which have no eos). The rest are corpus tokens in ascending encoder id, plus
     the tokenizer's unk (so unseen validation tokens have somewhere to go).
+
+    `counts` (V,) int64 or None: how often each decoder id occurs in the training corpus (set by
+    `count_tokens`, saved with the vocabulary; None in vocabularies saved before they were recorded). Samplers
+    use it to tell function words from content words (sampling.repeat_exempt).
     """
 
     PAD, MASK, EOS = 0, 1, 2
     FORMAT = "sgdd-vocab-1"
 
-    def __init__(self, encoder_ids: list[int], tokenizer: Any):
+    def __init__(self, encoder_ids: list[int], tokenizer: Any, counts: Sequence[int] | None = None):
         self.tokenizer = tokenizer
         self.encoder_ids = [int(i) for i in encoder_ids]
+        self.counts: np.ndarray | None = None
+        if counts is not None:
+            c = np.asarray(counts, dtype=np.int64)
+            if c.shape != (len(self.encoder_ids),):
+                raise ConfigError(
+                    f"vocabulary token counts have shape {c.shape}, expected ({len(self.encoder_ids)},)"
+                )
+            self.counts = c
         # corpus tokens only: specials in text never map onto PAD/MASK/EOS
         self._to_decoder = {e: d for d, e in enumerate(self.encoder_ids) if d > self.EOS}
         unk = getattr(tokenizer, "unk_token_id", None)
@@ -460,6 +472,12 @@ class Vocab:
 
     def __len__(self) -> int:
         return len(self.encoder_ids)
+
+    def count_tokens(self, token_lists: Iterable[Sequence[int]]) -> np.ndarray:
+        """Set and return `counts`: how often each decoder id occurs in `token_lists` (decoder ids)."""
+        flat = np.fromiter((i for ids in token_lists for i in ids), dtype=np.int64)
+        self.counts = np.bincount(flat, minlength=len(self))[: len(self)]
+        return self.counts
 
     @property
     def full_size(self) -> int:
@@ -519,6 +537,8 @@ class Vocab:
             "specials": {"PAD": self.PAD, "MASK": self.MASK, "EOS": self.EOS},
             "encoder_ids": self.encoder_ids,
         }
+        if self.counts is not None:
+            data["counts"] = self.counts.tolist()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -538,7 +558,7 @@ class Vocab:
                 f"{path} was built with a tokenizer of {data['tokenizer_size']} tokens, but the encoder tokenizer "
                 f"has {len(tokenizer)}: the checkpoint and the configured encoder do not match"
             )
-        return cls(data["encoder_ids"], tokenizer)
+        return cls(data["encoder_ids"], tokenizer, counts=data.get("counts"))
 
 
 def vocab_sizes(vocab: Vocab) -> dict[str, int]:

@@ -329,9 +329,10 @@ def prepare(
         }
     )
     vocab_path = Path(cfg.data.cache_dir) / f"vocab-{vocab_key}.json"
-    vocab.save(vocab_path)
     train_tokens = [vocab.map_encoder_ids(ids) for ids in corpus.train_ids]
     valid_tokens = [vocab.map_encoder_ids(ids) for ids in corpus.valid_ids]
+    vocab.count_tokens(train_tokens)  # travels with checkpoints (sampling.repeat_exempt)
+    vocab.save(vocab_path)
     sizes = vocab_sizes(vocab)
     log(
         f"corpus '{cfg.data.source}': {len(corpus.train)} train / {len(corpus.valid)} valid sentences "

@@ -205,12 +205,6 @@ def pretrain_latent(
             "pretrain/seconds": time.monotonic() - t0}
 
 
-def token_counts(token_lists, vocab_size: int) -> np.ndarray:
-    """How often each decoder id occurs in the token lists (vocab_size,) int64."""
-    flat = np.fromiter((i for ids in token_lists for i in ids), dtype=np.int64)
-    return np.bincount(flat, minlength=vocab_size)[:vocab_size]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the module DDP wraps
 
@@ -431,8 +425,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         pretrain_seconds = pretrain_metrics["pretrain/seconds"]
     process = build_process(cfg)
     if cfg.diffusion.softmax_sample > 0:
-        process.set_token_counts(token_counts(data.train_tokens, len(vocab)))
-    sampler = build_sampler(cfg)
+        process.set_token_counts(vocab.counts)
+    sampler = build_sampler(cfg, token_counts=vocab.counts)
     step_module = TrainStep(net, process, vocab.PAD, cfg.model.bow_weight).to(device)
     ddp_module: nn.Module = step_module
     if d.world > 1:

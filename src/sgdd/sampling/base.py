@@ -16,17 +16,19 @@ SAMPLERS = Registry("sampling.sampler")
 
 
 class Sampler:
-    def __init__(self, cfg):
-        """cfg: the whole sgdd.config.Config (reads cfg.sampling)."""
+    def __init__(self, cfg, token_counts=None):
+        """cfg: the whole sgdd.config.Config (reads cfg.sampling). token_counts (V,), optional: the training
+        corpus count of every decoder id (sgdd.data.Vocab.counts), for options that tell frequent tokens apart."""
         self.cfg = cfg
+        self.token_counts = token_counts
 
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None):
         raise NotImplementedError
 
 
-def build_sampler(cfg) -> Sampler:
+def build_sampler(cfg, token_counts=None) -> Sampler:
     import sgdd.sampling.analytic  # noqa: F401
     import sgdd.sampling.euler  # noqa: F401
     import sgdd.sampling.maskgit  # noqa: F401
 
-    return SAMPLERS.get(cfg.sampling.sampler)(cfg)
+    return SAMPLERS.get(cfg.sampling.sampler)(cfg, token_counts=token_counts)

@@ -80,8 +80,8 @@ class ScoreSampler(Sampler):
 
     name = "score"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, token_counts=None):
+        super().__init__(cfg, token_counts)
         s = cfg.sampling
         if s.steps < 1:
             raise ConfigError(f"sampling.steps must be >= 1, got {s.steps}")

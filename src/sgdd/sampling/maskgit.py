@@ -22,6 +22,13 @@ Position penalty (sampling.position_penalty = lambda >= 0): the ranking score of
 lambda * l, so decoding leans left to right (lambda large: strictly left to right, the schedule's count of
 leftmost masked positions per step). The confidence recorded for re-masking is unchanged.
 
+Repetition penalty (sampling.repeat_penalty = lambda >= 0, sampling.repeat_exempt = E): before tokens are
+chosen, the logit of every id already visible in the row is lowered by lambda per visible copy, except PAD,
+EOS and the E most frequent ids of the training corpus (the sampler's token_counts; function words and
+punctuation legitimately recur). A model whose masked positions all see the same z otherwise fills them
+with the sentence's most salient word. Without token counts (vocabularies saved before they were recorded)
+only PAD / EOS are exempt, with a warning.
+
 Deferred ending (sampling.defer_end): positions predicting PAD or EOS rank below every content prediction, so
 they are committed only in steps that have nothing else to commit: the length is settled after the content.
 
@@ -37,6 +44,7 @@ whole-tensor pass at V = 20k costs 2-3x more, mostly page faults on fresh buffer
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -47,6 +55,8 @@ from sgdd.sampling.guidance import guided, row_slices
 
 PAD_ID = 0  # decoder vocabulary contract (sgdd.data.Vocab.PAD); a process may override with .pad_id
 EOS_ID = 2  # decoder vocabulary contract (sgdd.data.Vocab.EOS)
+
+log = logging.getLogger("sgdd")
 
 
 def masked_count(n: torch.Tensor, k: int, K: int) -> torch.Tensor:
@@ -81,6 +91,35 @@ def duplicate_predictions(
     a, b = score[:, :, None], score[:, None, :]
     better = (b > a) | ((b == a) & (idx[None, None, :] < idx[None, :, None]))  # (B, L, L): j beats i
     return (same & better).any(dim=-1) & mask & (pred != exempt)
+
+
+def exempt_ids(vocab_size: int, token_counts, top: int, always: tuple[int, ...]) -> torch.Tensor:
+    """(V,) bool: the `top` most frequent ids by token_counts (V,) and the ids in `always`; without counts
+    only `always`."""
+    exempt = torch.zeros(vocab_size, dtype=torch.bool)
+    if token_counts is not None and top > 0:
+        counts = torch.as_tensor(token_counts, dtype=torch.float64).flatten()
+        if counts.numel() != vocab_size:
+            raise ValueError(f"token_counts has {counts.numel()} entries, the model predicts {vocab_size} ids")
+        exempt[torch.argsort(counts, descending=True, stable=True)[: min(top, vocab_size)]] = True
+    exempt[list(always)] = True
+    return exempt
+
+
+def penalize_repeats(
+    logits: torch.Tensor, x: torch.Tensor, select: torch.Tensor, exempt: torch.Tensor, penalty: float,
+    mask_id: int,
+) -> torch.Tensor:
+    """Lower the logit of every id visible in the row by `penalty` per visible copy (exempt ids and MASK aside).
+
+    logits (N, V) for the N positions where select (B, L) is True (row-major order), x (B, L) the current ids,
+    exempt (V,) bool. Returns float32 logits (in place when they already are float32). O(N L) besides the copy.
+    """
+    logits = logits.float()
+    rows = select.nonzero()[:, 0]  # (N,) the row of each selected position
+    seen = x[rows]  # (N, L) ids visible in that row (MASK positions carry mask_id)
+    hit = ~exempt.to(x.device)[seen] & (seen != mask_id)
+    return logits.scatter_add_(1, seen, torch.where(hit, -float(penalty), 0.0).to(logits.dtype))
 
 
 def filter_logits(
@@ -216,8 +255,8 @@ def choose_tokens(
 class MaskGITSampler(Sampler):
     """Confidence-based parallel decoding (MaskGIT) with a cosine schedule; see the module docstring."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, token_counts=None):
+        super().__init__(cfg, token_counts)
         s = cfg.sampling
         if s.steps < 1:
             raise ConfigError(f"sampling.steps must be >= 1, got {s.steps}")
@@ -235,6 +274,23 @@ class MaskGITSampler(Sampler):
             raise ConfigError(f"sampling.position_penalty must be >= 0, got {s.position_penalty}")
         if not 0.0 <= s.remask < 1.0:
             raise ConfigError(f"sampling.remask must be in [0, 1), got {s.remask}")
+        if s.repeat_penalty < 0:
+            raise ConfigError(f"sampling.repeat_penalty must be >= 0 (0 = off), got {s.repeat_penalty}")
+        if s.repeat_exempt < 0:
+            raise ConfigError(f"sampling.repeat_exempt must be >= 0, got {s.repeat_exempt}")
+        self._exempt: torch.Tensor | None = None
+
+    def exempt(self, vocab_size: int, pad_id: int) -> torch.Tensor:
+        """(V,) bool ids the repetition penalty spares (built once per sampler)."""
+        if self._exempt is None or self._exempt.numel() != vocab_size:
+            s = self.cfg.sampling
+            if self.token_counts is None and s.repeat_exempt > 0:
+                log.warning(
+                    "sampling.repeat_penalty: this vocabulary has no training token counts (saved before they "
+                    "were recorded), so the %d most frequent ids cannot be exempt; every id but PAD / EOS is "
+                    "penalised. Retrain, or set sampling.repeat_exempt: 0 to silence this.", s.repeat_exempt)
+            self._exempt = exempt_ids(vocab_size, self.token_counts, s.repeat_exempt, (pad_id, EOS_ID))
+        return self._exempt
 
     @torch.inference_mode()
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None, init=None):
@@ -276,6 +332,9 @@ class MaskGITSampler(Sampler):
             # tail counts as visible positions)
             mask_ratio = masked_now.float() / L  # (B,)
             logits = process.clean_logits(step_model, x, mask_ratio, z, select=mask)  # (N, V), N = mask.sum()
+            if s.repeat_penalty > 0:
+                exempt = self.exempt(logits.shape[-1], pad_id)
+                logits = penalize_repeats(logits, x, mask, exempt, s.repeat_penalty, mask_id)
             ids, logconf = choose_tokens(  # (N,), (N,)
                 logits, s.greedy, s.temperature, s.top_k, s.top_p, generator, forbid=mask_id
             )
