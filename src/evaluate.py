@@ -13,7 +13,7 @@ cosine between input and output vectors, NLL per token), a by-length table, exam
 
 import argparse
 
-from sgdd.cli import run_main
+from sgdd.cli import add_decoding_flags, decoding_overrides, run_main
 
 
 def main() -> int:
@@ -22,18 +22,7 @@ def main() -> int:
     ap.add_argument("--data", help="UTF-8 text file, one sentence per line (default: the validation split)")
     ap.add_argument("--num-samples", type=int, default=200, help="sentences to evaluate (0 = all)")
     ap.add_argument("--mode", choices=["reconstruct", "paraphrase"], default="reconstruct")
-    ap.add_argument("--steps", type=int, help="denoising steps")
-    ap.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
-    ap.add_argument("--sampler", help="maskgit | euler | analytic (must fit the checkpoint's process)")
-    ap.add_argument("--rerank", type=int, help="best of K decodes by re-embedding cosine (reconstruct)")
-    ap.add_argument("--refine", type=int,
-                    help="rounds of encoder-guided refinement after decoding (reconstruct; 0 = off)")
-    ap.add_argument("--length-quantile", type=float,
-                    help="decode this quantile of the length head's distribution (+ sampling.length_slack); "
-                         "default: the checkpoint's (0.5 for new ones)")
-    ap.add_argument("--repeat-penalty", type=float,
-                    help="MaskGIT: logit penalty per visible copy of a non-frequent token (0 = off); "
-                         "default: the checkpoint's")
+    add_decoding_flags(ap)
     ap.add_argument("--batch-size", type=int, help="sentences decoded per batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-paraphrases", type=int, default=5, help="paraphrase mode: outputs per sentence")
@@ -54,13 +43,7 @@ def main() -> int:
         seed=args.seed,
         num_paraphrases=args.num_paraphrases,
         temperature=args.temperature,
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
-        sampler=args.sampler,
-        rerank=args.rerank,
-        refine=args.refine,
-        length_quantile=args.length_quantile,
-        repeat_penalty=args.repeat_penalty,
+        **decoding_overrides(args),
         batch_size=args.batch_size,
     )
     return 0

@@ -15,7 +15,7 @@ Sampling options left out keep the checkpoint's config.
 import argparse
 import sys
 
-from sgdd.cli import run_main
+from sgdd.cli import add_decoding_flags, decoding_overrides, run_main
 
 
 def main() -> int:
@@ -27,23 +27,12 @@ def main() -> int:
     ap.add_argument(
         "--num-samples", type=int, help="paraphrases per sentence / interpolation points (default 5)"
     )
-    ap.add_argument("--steps", type=int, help="denoising steps")
-    ap.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = conditional only)")
-    ap.add_argument("--sampler", help="maskgit | euler | analytic (must fit the checkpoint's process)")
+    add_decoding_flags(ap)
     ap.add_argument(
         "--temperature", type=float, help="token sampling temperature (reconstruct: turns off greedy)"
     )
     ap.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, help="nucleus sampling mass (1 = off)")
-    ap.add_argument("--rerank", type=int, help="best of K decodes by re-embedding cosine (reconstruct)")
-    ap.add_argument("--refine", type=int,
-                    help="rounds of encoder-guided refinement after decoding (reconstruct; 0 = off)")
-    ap.add_argument("--length-quantile", type=float,
-                    help="decode this quantile of the length head's distribution (+ sampling.length_slack); "
-                         "default: the checkpoint's (0.5 for new ones)")
-    ap.add_argument("--repeat-penalty", type=float,
-                    help="MaskGIT: logit penalty per visible copy of a non-frequent token (0 = off); "
-                         "default: the checkpoint's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--show-steps", action="store_true", help="print the text after every denoising step (_ = mask)"
@@ -65,16 +54,10 @@ def main() -> int:
         plain=args.plain,
         device=args.device,
         stdin=sys.stdin,
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
-        sampler=args.sampler,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        rerank=args.rerank,
-        refine=args.refine,
-        length_quantile=args.length_quantile,
-        repeat_penalty=args.repeat_penalty,
+        **decoding_overrides(args),
     )
     return 0
 

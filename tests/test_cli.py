@@ -316,3 +316,21 @@ def test_read_sentence_lines_and_malloc_tuning(monkeypatch):
     assert read_sentence_lines([b"\xef\xbb\xbfOne.\n", b"\n", b"  Two. \n"], "x") == ["One.", "Two."]
     monkeypatch.setenv("SGDD_MALLOPT", "0")
     assert tune_malloc() is False
+
+
+def test_decoding_flags_map_onto_sampling_fields():
+    import argparse
+    import dataclasses
+
+    from sgdd.cli import add_decoding_flags, decoding_overrides
+    from sgdd.config import SamplingConfig
+
+    ap = argparse.ArgumentParser()
+    add_decoding_flags(ap)
+    given = decoding_overrides(ap.parse_args(["--steps", "8", "--cfg-scale", "1.0", "--repeat-penalty", "2.5"]))
+    fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+    assert set(given) <= fields  # every flag names a real SamplingConfig field
+    assert given["steps"] == 8 and given["cfg_scale"] == 1.0 and given["repeat_penalty"] == 2.5
+    assert given["rerank"] is None and given["sampler"] is None  # not given = keep the checkpoint's
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--steps", "many"])

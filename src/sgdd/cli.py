@@ -72,6 +72,32 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# the decoding options generate.py and evaluate.py share: (flag, SamplingConfig field, type, help)
+_DECODING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--steps", "steps", int, "denoising steps"),
+    ("--cfg-scale", "cfg_scale", float, "classifier-free guidance scale (1 = conditional only)"),
+    ("--sampler", "sampler", str, "maskgit | euler | analytic (must fit the checkpoint's process)"),
+    ("--rerank", "rerank", int, "best of K decodes by re-embedding cosine (reconstruct)"),
+    ("--refine", "refine", int, "rounds of encoder-guided refinement after decoding (reconstruct; 0 = off)"),
+    ("--length-quantile", "length_quantile", float,
+     "decode this quantile of the length head's distribution (+ sampling.length_slack); "
+     "default: the checkpoint's (0.5 for new ones)"),
+    ("--repeat-penalty", "repeat_penalty", float,
+     "MaskGIT: logit penalty per visible copy of a non-frequent token (0 = off); default: the checkpoint's"),
+)
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the sampling flags both scripts share; every one defaults to None (= keep the checkpoint's)."""
+    for flag, _, tp, help_text in _DECODING_FLAGS:
+        parser.add_argument(flag, type=tp, help=help_text)
+
+
+def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The SamplingConfig fields given by add_decoding_flags' flags (None = not given)."""
+    return {field: getattr(args, field) for _, field, _, _ in _DECODING_FLAGS}
+
+
 def run_main(fn: Callable[[], int | None], log_stream: IO[str] | None = None) -> None:
     """Run an entry point; user errors print one line to stderr and exit 2."""
     setup_logging(log_stream)

@@ -113,12 +113,12 @@ def penalize_repeats(
     """Lower the logit of every id visible in the row by `penalty` per visible copy (exempt ids and MASK aside).
 
     logits (N, V) for the N positions where select (B, L) is True (row-major order), x (B, L) the current ids,
-    exempt (V,) bool. Returns float32 logits (in place when they already are float32). O(N L) besides the copy.
+    exempt (V,) bool on x's device. Returns float32 logits (in place when they already are float32). O(N L) besides the copy.
     """
     logits = logits.float()
     rows = select.nonzero()[:, 0]  # (N,) the row of each selected position
     seen = x[rows]  # (N, L) ids visible in that row (MASK positions carry mask_id)
-    hit = ~exempt.to(x.device)[seen] & (seen != mask_id)
+    hit = ~exempt[seen] & (seen != mask_id)
     return logits.scatter_add_(1, seen, torch.where(hit, -float(penalty), 0.0).to(logits.dtype))
 
 
@@ -280,8 +280,8 @@ class MaskGITSampler(Sampler):
             raise ConfigError(f"sampling.repeat_exempt must be >= 0, got {s.repeat_exempt}")
         self._exempt: torch.Tensor | None = None
 
-    def exempt(self, vocab_size: int, pad_id: int) -> torch.Tensor:
-        """(V,) bool ids the repetition penalty spares (built once per sampler)."""
+    def exempt(self, vocab_size: int, pad_id: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(V,) bool ids the repetition penalty spares, on `device` (built once per sampler and device)."""
         if self._exempt is None or self._exempt.numel() != vocab_size:
             s = self.cfg.sampling
             if self.token_counts is None and s.repeat_exempt > 0:
@@ -290,6 +290,8 @@ class MaskGITSampler(Sampler):
                     "were recorded), so the %d most frequent ids cannot be exempt; every id but PAD / EOS is "
                     "penalised. Retrain, or set sampling.repeat_exempt: 0 to silence this.", s.repeat_exempt)
             self._exempt = exempt_ids(vocab_size, self.token_counts, s.repeat_exempt, (pad_id, EOS_ID))
+        if self._exempt.device != torch.device(device):
+            self._exempt = self._exempt.to(device)  # one copy per device, not one per step
         return self._exempt
 
     @torch.inference_mode()
@@ -333,7 +335,7 @@ class MaskGITSampler(Sampler):
             mask_ratio = masked_now.float() / L  # (B,)
             logits = process.clean_logits(step_model, x, mask_ratio, z, select=mask)  # (N, V), N = mask.sum()
             if s.repeat_penalty > 0:
-                exempt = self.exempt(logits.shape[-1], pad_id)
+                exempt = self.exempt(logits.shape[-1], pad_id, x.device)
                 logits = penalize_repeats(logits, x, mask, exempt, s.repeat_penalty, mask_id)
             ids, logconf = choose_tokens(  # (N,), (N,)
                 logits, s.greedy, s.temperature, s.top_k, s.top_p, generator, forbid=mask_id
