@@ -42,8 +42,8 @@ class FakeProcess:
 
 
 class TargetModel:
-    """Logits favouring target[b, l] with a margin that grows with z[b, 0] and differs by position, so
-    confidences are distinct; ignores x_t. Counts calls and rows."""
+    """Logits favouring target[b, l] with a margin that differs by position, so confidences are distinct;
+    b is read from z[:, -1] (see rowz); ignores x_t. Counts calls and rows."""
 
     def __init__(self, target, margin=None, extra=None):
         self.target = target  # (B, Lmax)
@@ -59,7 +59,7 @@ class TargetModel:
     def __call__(self, x_t, t, z, uncond=None, select=None):
         B, L = x_t.shape
         self.calls.append(B)
-        rows = torch.arange(B) % self.target.shape[0]
+        rows = z[:, -1].long()  # the row's index in the sampled batch (rowz): idle rows skip calls
         logits = torch.zeros(B, L, V)
         logits.scatter_(2, self.target[rows, :L, None], self.margin[rows, :L, None])
         if self.extra is not None:
@@ -67,6 +67,13 @@ class TargetModel:
         if uncond is not None:
             logits = torch.where(uncond[:, None, None], logits * 0.5, logits)
         return logits[select] if select is not None else logits
+
+
+def rowz(B, D=2):
+    """(B, D) latents whose last column is the row index, so TargetModel knows each row in a subset call."""
+    z = torch.ones(B, D)
+    z[:, -1] = torch.arange(B, dtype=torch.float32)
+    return z
 
 
 def _target(B=4, L=9, seed=0):
@@ -103,11 +110,15 @@ def test_no_mask_left_exact_step_count_pad_kept(scale, steps):
     lengths = torch.tensor([9, 1, 5, 7])
     model, process = TargetModel(target), FakeProcess()
     sampler = MaskGITSampler(make_cfg(steps=steps))
-    x = sampler.sample(model, process, torch.ones(4, 2), lengths, scale)
+    x = sampler.sample(model, process, rowz(4), lengths, scale)
     assert x.shape == (4, 9) and x.dtype == torch.long
     assert not (x == MASK).any()
-    assert len(model.calls) == steps
-    assert model.calls == [4 if scale == 1.0 else 8] * steps
+    # one call per step in which the schedule commits something in some row, with only those rows (x2 with CFG)
+    prev = [lengths] + [masked_count(lengths, k, steps) for k in range(1, steps + 1)]
+    active = [int((prev[k] > prev[k + 1]).sum()) for k in range(steps)]
+    assert model.calls == [a * (1 if scale == 1.0 else 2) for a in active if a > 0]
+    if steps == 16:
+        assert sum(active) < 4 * steps  # the 1- and 5-token rows sit most steps out
     beyond = torch.arange(9)[None, :] >= lengths[:, None]
     assert (x[beyond] == PAD).all()
     assert (x[~beyond] != PAD).all()  # the fake model never favours PAD
@@ -119,7 +130,7 @@ def test_greedy_reproduces_the_favoured_sequence():
     target[0, 7:] = PAD
     lengths = torch.tensor([12, 12, 8])
     x = MaskGITSampler(make_cfg(steps=5)).sample(
-        TargetModel(target), FakeProcess(), torch.ones(3, 2), lengths, 1.5
+        TargetModel(target), FakeProcess(), rowz(3), lengths, 1.5
     )
     assert torch.equal(x[:2], target[:2])
     assert torch.equal(x[2, :8], target[2, :8]) and (x[2, 8:] == PAD).all()
@@ -135,7 +146,7 @@ def test_schedule_followed_and_most_confident_first():
     MaskGITSampler(make_cfg(steps=K)).sample(
         TargetModel(target, margin),
         process,
-        torch.ones(2, 2),
+        rowz(2),
         lengths,
         1.0,
         callback=lambda k, x: states.append((k, x)),
@@ -151,7 +162,8 @@ def test_schedule_followed_and_most_confident_first():
         assert n > 0 and committed == list(range(int(lengths[b]) - n, int(lengths[b])))
     # mask ratio seen by the process = fraction of the row's L positions still masked (PAD tail visible)
     assert torch.allclose(process.ratios[0], lengths.float() / 10)
-    assert torch.allclose(process.ratios[1], masked_count(lengths, 1, K).float() / 10)
+    m1, m2 = masked_count(lengths, 1, K), masked_count(lengths, 2, K)
+    assert torch.allclose(process.ratios[1], m1[m1 > m2].float() / 10)  # rows committing at step 2 only
 
 
 def test_mask_is_never_predicted():
@@ -159,7 +171,7 @@ def test_mask_is_never_predicted():
     extra = torch.zeros(V)
     extra[7] = 1.0  # second best everywhere
     x = MaskGITSampler(make_cfg(steps=3)).sample(
-        TargetModel(target, extra=extra), FakeProcess(), torch.ones(2, 2), torch.tensor([6, 4]), 2.0
+        TargetModel(target, extra=extra), FakeProcess(), rowz(2), torch.tensor([6, 4]), 2.0
     )
     assert not (x == MASK).any()
     assert (x[0] == 7).all() and (x[1, :4] == 7).all()
@@ -169,12 +181,12 @@ def test_batch_rows_are_independent():
     target = _target(B=3, L=8, seed=2)
     lengths = torch.tensor([8, 3, 6])
     cfg = make_cfg(steps=4)
-    full = MaskGITSampler(cfg).sample(TargetModel(target), FakeProcess(), torch.ones(3, 2), lengths, 1.0)
+    full = MaskGITSampler(cfg).sample(TargetModel(target), FakeProcess(), rowz(3), lengths, 1.0)
     for b in range(3):
         one = MaskGITSampler(cfg).sample(
             TargetModel(target[b : b + 1], TargetModel(target).margin[b : b + 1]),
             FakeProcess(),
-            torch.ones(1, 2),
+            rowz(1),
             lengths[b : b + 1],
             1.0,
         )
@@ -232,7 +244,7 @@ def test_sampling_through_the_sampler_respects_top_k():
     x = MaskGITSampler(cfg).sample(
         model,
         FakeProcess(),
-        torch.ones(8, 2),
+        rowz(8),
         torch.full((8,), 6),
         1.0,
         generator=torch.Generator().manual_seed(0),
@@ -249,7 +261,7 @@ def test_seeded_sampling_with_gumbel_noise_is_reproducible():
         MaskGITSampler(cfg).sample(
             TargetModel(target),
             FakeProcess(),
-            torch.ones(4, 2),
+            rowz(4),
             lengths,
             1.5,
             generator=torch.Generator().manual_seed(7),
@@ -267,7 +279,7 @@ def test_remask_path_ends_without_mask_and_keeps_the_schedule():
     states = []
     model = TargetModel(target)
     x = MaskGITSampler(make_cfg(steps=K, remask=0.3)).sample(
-        model, FakeProcess(), torch.ones(3, 2), lengths, 1.5, callback=lambda k, x: states.append(x)
+        model, FakeProcess(), rowz(3), lengths, 1.5, callback=lambda k, x: states.append(x)
     )
     assert not (x == MASK).any() and len(model.calls) == K
     for k, s in enumerate(states, start=1):
@@ -293,7 +305,7 @@ def test_bad_settings_are_rejected():
 
     with pytest.raises(ConfigError):
         MaskGITSampler(make_cfg()).sample(
-            TargetModel(_target()), NoMask(), torch.ones(4, 2), torch.full((4,), 3), 1.0
+            TargetModel(_target()), NoMask(), rowz(4), torch.full((4,), 3), 1.0
         )
 
 
@@ -329,7 +341,7 @@ def test_with_the_real_masked_process():
 
     model = Recording(target, extra=torch.eye(V)[MASK] * 50)  # the raw model loves MASK
     lengths = torch.tensor([7, 7, 5])
-    x = MaskGITSampler(cfg).sample(model, process, torch.ones(3, 2), lengths, 1.5)
+    x = MaskGITSampler(cfg).sample(model, process, rowz(3), lengths, 1.5)
     assert len(model.calls) == 4 and model.calls == [6] * 4
     expected = torch.where(torch.arange(7)[None] < lengths[:, None], target, PAD)
     assert torch.equal(x, expected)
@@ -357,7 +369,7 @@ def test_dedupe_commits_one_copy_of_a_token_per_step():
     for dedupe in (True, False):
         cfg = make_cfg(steps=K, cfg_scale=1.0, dedupe=dedupe)
         states = []
-        out = SAMPLERS.get("maskgit")(cfg).sample(TargetModel(target, margin), FakeProcess(), torch.zeros(B, 4),
+        out = SAMPLERS.get("maskgit")(cfg).sample(TargetModel(target, margin), FakeProcess(), rowz(B, 4),
                                                   torch.full((B,), Lr), 1.0,
                                                   callback=lambda k, x, acc=states: acc.append(x.clone()))
         assert torch.equal(out, target) and len(states) == K
@@ -378,7 +390,7 @@ def test_defer_end_commits_pad_and_eos_last():
     for defer, content_first in ((False, False), (True, True)):
         states = []
         out = SAMPLERS.get("maskgit")(make_cfg(steps=K, cfg_scale=1.0, defer_end=defer)).sample(
-            TargetModel(target, margin), FakeProcess(), torch.zeros(B, 4), torch.full((B,), Lr), 1.0,
+            TargetModel(target, margin), FakeProcess(), rowz(B, 4), torch.full((B,), Lr), 1.0,
             callback=lambda k, x, acc=states: acc.append(x.clone()))
         assert torch.equal(out, target)
         first_end = next(i for i, x in enumerate(states) if ((x == EOS) | (x == PAD)).any())
@@ -395,7 +407,7 @@ def test_position_penalty_decodes_left_to_right():
     for penalty in (0.0, 100.0):
         states = []
         out = SAMPLERS.get("maskgit")(make_cfg(steps=K, cfg_scale=1.0, position_penalty=penalty)).sample(
-            TargetModel(target, margin), FakeProcess(), torch.zeros(B, 4), torch.full((B,), Lr), 1.0,
+            TargetModel(target, margin), FakeProcess(), rowz(B, 4), torch.full((B,), Lr), 1.0,
             callback=lambda k, x, acc=states: acc.append(x.clone()))
         assert torch.equal(out, target)
         for k, x in enumerate(states, start=1):
@@ -442,7 +454,7 @@ def test_repeat_penalty_stops_a_salient_word_filling_the_row():
     for penalty, top, most_fives in ((0.0, 0, Lr), (4.0, 3, 1), (4.0, 7, Lr)):
         cfg = make_cfg(steps=K, cfg_scale=1.0, repeat_penalty=penalty, repeat_exempt=top)
         model = TargetModel(target, torch.full((B, Lr), 2.0), extra)
-        out = MaskGITSampler(cfg, token_counts=counts).sample(model, FakeProcess(), torch.zeros(B, 4),
+        out = MaskGITSampler(cfg, token_counts=counts).sample(model, FakeProcess(), rowz(B, 4),
                                                               torch.full((B,), Lr), 1.0)
         fives = int((out == 5).sum(1).max())
         assert fives == most_fives, (penalty, top, out)

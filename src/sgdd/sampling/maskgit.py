@@ -37,7 +37,10 @@ m_k(i)) of the tokens committed at earlier steps, those with the lowest confiden
 masked again, and r(i) extra new tokens are committed, so the schedule's count m_k(i) still holds and the
 final step commits everything.
 
-Exactly K model calls (2B rows each with guidance), all on (B, L) / (N, V) tensors, no loop over the batch.
+At most K model calls, all on (B, L) / (N, V) tensors, no loop over the batch. A call takes only the rows in
+which the schedule commits something at that step (x2 with guidance): a row of n < K positions commits at
+most n times, and a finished row none, so those idle steps cost nothing. Skipping is exact: a step that
+commits nothing in a row leaves its state, and so its next prediction, unchanged.
 Row-wise work on the (N, V) logits runs in cache-sized slices of rows (guidance.row_slices): on this CPU a
 whole-tensor pass at V = 20k costs 2-3x more, mostly page faults on fresh buffers.
 """
@@ -333,10 +336,33 @@ class MaskGITSampler(Sampler):
             # fraction of x's L positions that are masked, as the process measures it in training (the PAD
             # tail counts as visible positions)
             mask_ratio = masked_now.float() / L  # (B,)
-            logits = process.clean_logits(step_model, x, mask_ratio, z, select=mask)  # (N, V), N = mask.sum()
+            target = masked_count(n, k, K)  # (B,) masked after this step
+            remask_n = torch.zeros_like(n)
+            if s.remask > 0 and k < K:
+                committed_before = valid & ~mask  # (B, L)
+                remask_n = torch.minimum(
+                    torch.floor(s.remask * committed_before.sum(dim=1).double()).long(), target
+                )
+            commit_n = masked_now - target + remask_n  # (B,) <= masked_now since remask_n <= target
+            # idle rows (the schedule commits nothing in them this step: short rows at many steps, finished
+            # rows) skip the model call; their state, and so their next prediction, is unchanged
+            active = commit_n > 0  # (B,)
+            if not bool(active.any()):
+                if callback is not None:
+                    callback(k, x)
+                continue
+            every = bool(active.all())
+            mask = mask if every else mask & active[:, None]
+            rows = None if every else active.nonzero()[:, 0]
+            x_in = x if every else x[rows]
+            mask_in = mask if every else mask[rows]
+            logits = process.clean_logits(  # (N, V), N = mask.sum() (active rows only)
+                step_model, x_in, mask_ratio if every else mask_ratio[rows], z if every else z[rows],
+                select=mask_in,
+            )
             if s.repeat_penalty > 0:
                 exempt = self.exempt(logits.shape[-1], pad_id, x.device)
-                logits = penalize_repeats(logits, x, mask, exempt, s.repeat_penalty, mask_id)
+                logits = penalize_repeats(logits, x_in, mask_in, exempt, s.repeat_penalty, mask_id)
             ids, logconf = choose_tokens(  # (N,), (N,)
                 logits, s.greedy, s.temperature, s.top_k, s.top_p, generator, forbid=mask_id
             )
@@ -359,15 +385,6 @@ class MaskGITSampler(Sampler):
                 score = torch.where(duplicate_predictions(pred, mask, score, pad_id), score - 1e6, score)
             if s.defer_end:  # the sentence's end is decided after its content
                 score = torch.where(mask & ((pred == pad_id) | (pred == EOS_ID)), score - 1e7, score)
-
-            target = masked_count(n, k, K)  # (B,) masked after this step
-            remask_n = torch.zeros_like(n)
-            if s.remask > 0 and k < K:
-                committed_before = valid & ~mask  # (B, L)
-                remask_n = torch.minimum(
-                    torch.floor(s.remask * committed_before.sum(dim=1).double()).long(), target
-                )
-            commit_n = masked_now - target + remask_n  # (B,) <= masked_now since remask_n <= target
 
             commit = ranks_in_rows(score, descending=True) < commit_n[:, None]  # only masked rows rank high
             commit &= mask
