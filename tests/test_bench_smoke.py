@@ -289,3 +289,24 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     again = json.loads(again_json.read_text())
     assert again["steps"] == out["steps"] and again["train_seconds"] is None and again["rerank"] is None
     assert again["resolved_config"]["sampling"]["repeat_penalty"] == 2.5
+
+
+def test_decode_grid_smoke(tiny_checkpoint, tmp_path):
+    """bench/decode_grid.py decodes the same sentences under each setting and writes one row per setting."""
+    data = tmp_path / "s.txt"
+    data.write_text("The cat sat on the mat.\nIt rained all day.\nShe laughed.\n", encoding="utf-8")
+    out = tmp_path / "grid.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(ROOT / "bench" / "decode_grid.py"), "--checkpoint", str(tiny_checkpoint),
+            "--data", str(data), "--start", "1", "--end", "3"]
+    grid = '[{"steps": 2}, {"steps": 3, "cfg_scale": 1.0, "repeat_penalty": 2.0}]'
+    proc = subprocess.run([*base, "--grid", grid, "--output", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows] == [{"steps": 2}, {"steps": 3, "cfg_scale": 1.0, "repeat_penalty": 2.0}]
+    assert all(r["sentences"] == 2 and r["seconds"] > 0 and 0 <= r["bleu_roundtrip"] <= 100 for r in rows)
+    assert proc.stdout.count("BLEU") == 2
+    bad = subprocess.run([*base, "--grid", "{steps: 2}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert bad.returncode == 2 and "--grid is not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
