@@ -1,5 +1,6 @@
 """Reconstruction quality per CPU budget: train from scratch for a fixed wall-clock budget, then evaluate the
-final EMA weights on held-out sentences through the sampler (16 MaskGIT steps with CFG, then best-of-K rerank).
+final EMA weights on held-out sentences through the sampler (16 MaskGIT steps with CFG 1.5 unless --steps /
+--cfg-scale say otherwise, then best-of-K rerank; the row's note starts with the settings used).
 
     uv run python bench/quality.py --config configs/fiction_minilm.yaml --minutes 60
 
@@ -8,8 +9,9 @@ a row to bench/RESULTS.md (date, commit, config, budget, metrics, command).
 
     uv run python bench/quality.py --config configs/fiction_minilm.yaml --checkpoint checkpoints/RUN/latest
 
-skips training and evaluates an earlier run's weights, decoded with --config's sampling section (to measure a
-decoding change on the same weights); the row says which checkpoint and step it evaluated.
+skips training and evaluates an earlier run's weights, decoded with --config's sampling section (steps and
+guidance from --steps / --cfg-scale; to measure a decoding change on the same weights); the row says which
+checkpoint and step it evaluated.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def main() -> int:
                     help="skip training: evaluate this checkpoint's EMA weights with --config's sampling section")
     ap.add_argument("--run-name", default=None)
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    ap.add_argument("--steps", type=int, default=16, help="decoding steps (default 16, the benchmark's setting)")
+    ap.add_argument("--cfg-scale", type=float, default=1.5,
+                    help="guidance scale (default 1.5, the benchmark's setting; the config's own may differ)")
     ap.add_argument("--note", default="", help="free text for the RESULTS.md row (what this experiment changes)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -101,18 +106,19 @@ def main() -> int:
         from sgdd.data import load_corpus
 
         sentences = load_corpus(cfg.data).valid[: args.num_valid]
-    plain = evaluate_reconstruction(model, sentences, steps=16)
+    dec = {"steps": args.steps, "cfg_scale": args.cfg_scale}
+    plain = evaluate_reconstruction(model, sentences, **dec)
     print_report(plain)
     rr_sents = sentences[: args.num_rerank] if args.num_rerank > 0 else sentences
-    reranked = evaluate_reconstruction(model, rr_sents, steps=16, rerank=args.rerank) if args.rerank > 1 else None
+    reranked = evaluate_reconstruction(model, rr_sents, rerank=args.rerank, **dec) if args.rerank > 1 else None
     subset_used = reranked is not None or args.refine > 0
-    same_subset = (evaluate_reconstruction(model, rr_sents, steps=16)
+    same_subset = (evaluate_reconstruction(model, rr_sents, **dec)
                    if subset_used and len(rr_sents) < len(sentences) else None)
     if reranked:
         print_report(reranked)
     refined = None
     if args.refine > 0:
-        refined = evaluate_reconstruction(model, rr_sents, steps=16, refine=args.refine,
+        refined = evaluate_reconstruction(model, rr_sents, refine=args.refine, **dec,
                                           refine_candidates=args.refine_candidates)
         print_report(refined)
 
@@ -123,6 +129,7 @@ def main() -> int:
         "overrides": args.overrides,
         "checkpoint": args.checkpoint,
         "minutes": None if args.checkpoint else args.minutes,
+        "decoding": dec,
         "train_seconds": train_s,
         "steps": steps,
         "train_sentences_per_s": train_rate,
@@ -151,7 +158,7 @@ def main() -> int:
            + ")"
            + (f"; refine {args.refine} rounds x {args.refine_candidates}: {refined['metrics']['bleu']:.2f}"
               if refined else "")
-           + f" | {args.note} | `{out['command']}` |\n")
+           + f" | {args.steps} steps, CFG {args.cfg_scale:g}; {args.note} | `{out['command']}` |\n")
     results = Path(args.results)
     if not results.exists():
         results.write_text("# Benchmark results\n\n")

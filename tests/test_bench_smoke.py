@@ -273,6 +273,7 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     assert out["refine_settings"] == {"rounds": 1, "candidates": 2}
     assert out["malloc_tuned"] is (platform.libc_ver()[0] == "glibc")  # what src/train.py applies
     assert "refine 1 rounds x 2:" in rows[0] and "(round trip " in rows[0]
+    assert "| 16 steps, CFG 1.5; " in rows[0] and out["decoding"] == {"steps": 16, "cfg_scale": 1.5}
     latest = tmp_path / "checkpoints" / "bench_smoke_test" / "latest"
     assert latest.is_dir()
 
