@@ -116,7 +116,8 @@ def penalize_repeats(
     """Lower the logit of every id visible in the row by `penalty` per visible copy (exempt ids and MASK aside).
 
     logits (N, V) for the N positions where select (B, L) is True (row-major order), x (B, L) the current ids,
-    exempt (V,) bool on x's device. Returns float32 logits (in place when they already are float32). O(N L) besides the copy.
+    exempt (V,) bool on x's device. Returns float32 logits (in place when they already are float32). O(N L)
+    besides the copy.
     """
     logits = logits.float()
     rows = select.nonzero()[:, 0]  # (N,) the row of each selected position
@@ -351,14 +352,11 @@ class MaskGITSampler(Sampler):
                 if callback is not None:
                     callback(k, x)
                 continue
-            every = bool(active.all())
-            mask = mask if every else mask & active[:, None]
-            rows = None if every else active.nonzero()[:, 0]
-            x_in = x if every else x[rows]
-            mask_in = mask if every else mask[rows]
+            rows = slice(None) if bool(active.all()) else active.nonzero()[:, 0]  # a slice indexes without copying
+            mask = mask & active[:, None]
+            x_in, mask_in = x[rows], mask[rows]
             logits = process.clean_logits(  # (N, V), N = mask.sum() (active rows only)
-                step_model, x_in, mask_ratio if every else mask_ratio[rows], z if every else z[rows],
-                select=mask_in,
+                step_model, x_in, mask_ratio[rows], z[rows], select=mask_in
             )
             if s.repeat_penalty > 0:
                 exempt = self.exempt(logits.shape[-1], pad_id, x.device)
