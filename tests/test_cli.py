@@ -83,9 +83,10 @@ def test_generate_show_steps_end_to_end(tiny_checkpoint):
         assert "_" not in steps[-1].group(3)
     outputs = [line for line in lines if " -> " in line]
     assert [o.split(" -> ")[0] for o in outputs] == ["The cat sat on the mat.", "Another sentence here."]
-    # the last step shows exactly the returned output
-    last = STEP_LINE.match(lines[blocks[0] + 1 + K]).group(3)
-    assert outputs[0].split(" -> ", 1)[1] == last
+    # the last step shows exactly the returned output, for each input (batches are sorted by length, so the
+    # steps must be mapped back to their inputs)
+    for b, out in zip(blocks, outputs, strict=True):
+        assert out.split(" -> ", 1)[1] == STEP_LINE.match(lines[b + 1 + K]).group(3)
 
 
 def test_generate_paraphrase_from_stdin_plain(tiny_checkpoint):

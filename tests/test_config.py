@@ -88,6 +88,18 @@ def test_roundtrip_through_yaml(tmp_path):
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
+def test_optional_int_takes_null_or_an_integer(tmp_path):
+    cfg = load_config(None, ["sampling.pad_tail=null"])
+    assert cfg.sampling.pad_tail is None
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml").sampling.pad_tail is None  # null survives a checkpoint's config.yaml
+    assert load_config(None, ["sampling.pad_tail=8"]).sampling.pad_tail == 8
+    with pytest.raises(ConfigError, match=r"sampling\.pad_tail"):
+        load_config(None, ["sampling.pad_tail=many"])
+    with pytest.raises(ConfigError, match=r"sampling\.pad_tail must be >= 0"):
+        load_config(None, ["sampling.pad_tail=-1"])
+
+
 def test_missing_file_message():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/nope.yaml")

@@ -5,7 +5,7 @@ import torch
 
 from sgdd.config import Config
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS
+from sgdd.sampling.base import SAMPLERS, slot_width
 from sgdd.sampling.maskgit import (
     MaskGITSampler,
     choose_tokens,
@@ -24,6 +24,7 @@ V = 12
 
 def make_cfg(**sampling):
     cfg = Config()
+    cfg.sampling.pad_tail = 0  # the tests below set exact slot shapes; test_pad_tail_* covers the tail
     for k, v in sampling.items():
         setattr(cfg.sampling, k, v)
     return cfg
@@ -468,3 +469,26 @@ def test_repeat_penalty_without_counts_warns_and_spares_only_the_specials(caplog
         exempt = sampler.exempt(V, PAD)
     assert "no training token counts" in caplog.text
     assert exempt.nonzero().flatten().tolist() == [PAD, EOS]
+
+
+def test_pad_tail_adds_visible_pad_after_the_longest_slot():
+    cfg = make_cfg(steps=4, pad_tail=6)
+    cfg.data.max_length = 64
+    lengths = torch.tensor([3, 5])
+    proc = FakeProcess()
+    x = MaskGITSampler(cfg).sample(TargetModel(_target(B=2, L=64)), proc, rowz(2), lengths, 1.0)
+    assert x.shape == (2, 11)  # longest slot 5 + 6 tail positions
+    assert (x[0, 3:] == PAD).all() and (x[1, 5:] == PAD).all()
+    assert (x[0, :3] != PAD).all() and (x[1, :5] != PAD).all()
+    # the time input counts the tail as visible: at the first step, all of a row's slot is masked
+    assert torch.allclose(proc.ratios[0], torch.tensor([3 / 11, 5 / 11]))
+
+
+def test_slot_width_caps_the_tail_at_max_length_and_defaults_to_pad_slack():
+    cfg = make_cfg(pad_tail=6)
+    cfg.data.max_length = 8
+    assert slot_width(torch.tensor([3, 5]), cfg) == 8  # 5 + 6 capped at max_length
+    assert slot_width(torch.tensor([10]), cfg) == 10  # never below the longest slot
+    cfg.sampling.pad_tail = None
+    cfg.data.max_length, cfg.data.pad_slack = 64, 12
+    assert slot_width(torch.tensor([5]), cfg) == 5 + 12 + 4

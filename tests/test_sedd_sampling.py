@@ -28,6 +28,7 @@ def make_cfg(graph="absorbing", noise="loglinear", sampler="euler", steps=8, gre
     cfg.sampling.steps = steps
     cfg.sampling.greedy = greedy
     cfg.sampling.temperature = temperature
+    cfg.sampling.pad_tail = 0  # exact slot shapes below; test_pad_tail_* covers the tail
     return cfg
 
 
@@ -301,3 +302,17 @@ def test_row_chunking_gives_the_same_result(graph, noise, monkeypatch):
     monkeypatch.setattr(euler, "ROW_CHUNK_ELEMENTS", 3 * V)  # 3 rows at a time
     x = build_sampler(cfg).sample(Oracle(targets, proc, V), proc, z, torch.full((n,), L), 1.0, gen)
     assert torch.equal(x, targets)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_pad_tail_adds_visible_pad_after_the_longest_slot(sampler):
+    V = 9
+    cfg = make_cfg("absorbing", "loglinear", sampler, 4)
+    cfg.sampling.pad_tail = 3
+    proc = ScoreEntropyProcess(cfg, vocab_size=V)
+    lengths = torch.tensor([5, 2])
+    x = build_sampler(cfg).sample(RandomModel(V, 16), proc, torch.randn(2, 4), lengths, 1.0,
+                                  generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 8)  # longest slot 5 + 3 tail positions
+    assert (x != MASK_ID).all()
+    assert (x[torch.arange(8)[None, :] >= lengths[:, None]] == PAD_ID).all()

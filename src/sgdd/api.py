@@ -19,7 +19,7 @@ import torch
 
 from sgdd.checkpoint import load_checkpoint, load_weights_into, save_checkpoint
 from sgdd.config import Config
-from sgdd.generation import choose_lengths, decode_latents
+from sgdd.generation import choose_lengths, decode_sorted
 from sgdd.registry import ConfigError
 
 log = logging.getLogger("sgdd")
@@ -133,21 +133,17 @@ class SGDD:
 
         sampler = build_sampler(cfg, token_counts=self.vocab.counts)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        out: list[str] = []
-        bs = cfg.sampling.batch_size
-        for i in range(0, z.shape[0], bs):
-            zl = z[i : i + bs]
-            ln = None if lengths is None else lengths[i : i + bs]
-            out.extend(decode_latents(self.net, self.process, sampler, self.vocab, zl, cfg, generator=gen,
-                                      callback=callback, lengths=ln))
-        return out
+        return decode_sorted(self.net, self.process, sampler, self.vocab, z, cfg, cfg.sampling.batch_size,
+                             generator=gen, callback=callback, lengths=lengths)
 
     @torch.no_grad()
     def reconstruct(self, texts: list[str], seed: int = 0, callback=None, **sampling) -> list[str]:
         """Decode each sentence's posterior mean. sampling: steps, cfg_scale, temperature, top_k, top_p, greedy,
         rerank, refine, sampler, ... (SamplingConfig fields). rerank K > 1 decodes K candidates per input and keeps
         the one whose re-encoded vector is closest to the input's; refine R > 0 then edits the result for R rounds
-        of encoder-guided hill climbing (sgdd.sampling.refine)."""
+        of encoder-guided hill climbing (sgdd.sampling.refine). Inputs are decoded in batches of similar predicted
+        length; callback(step, x (b, L), rows) sees every denoising step of each batch, rows = the input indices
+        of x's rows."""
         texts = check_texts(texts)
         self._warn_long(texts)
         cfg = self._sampling_cfg(**sampling)

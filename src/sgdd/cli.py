@@ -273,14 +273,10 @@ def _reconstruct_showing_steps(
         lengths = choose_lengths(model.net, model.latents(texts), model.cfg).tolist()
         for i, n in enumerate(lengths):
             steps[i][0] = render_ids(model.vocab, [model.vocab.MASK] * int(n))
-    batch = {"start": 0, "size": 0}  # the API decodes in batches; each batch restarts at step 1
 
-    def record(k: int, x) -> None:
-        if k == 1:
-            batch["start"] += batch["size"]
-            batch["size"] = x.shape[0]
-        for i, row in enumerate(x.tolist()):
-            steps[batch["start"] + i][k] = render_ids(model.vocab, row)
+    def record(k: int, x, rows: list[int]) -> None:  # the API decodes in batches of similar length
+        for i, row in zip(rows, x.tolist(), strict=True):
+            steps[i][k] = render_ids(model.vocab, row)
 
     outputs = model.reconstruct(texts, seed=seed, callback=record, **sampling)
     width = len(str(K))

@@ -58,8 +58,33 @@ def decode_latents(
 
 
 @torch.no_grad()
-def decode_in_batches(net, process, sampler, vocab, z: torch.Tensor, cfg: Config, batch_size: int, **kw) -> list[str]:
-    out: list[str] = []
+def decode_sorted(
+    net,
+    process,
+    sampler,
+    vocab,
+    z: torch.Tensor,
+    cfg: Config,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    callback=None,
+    lengths: torch.Tensor | None = None,
+) -> list[str]:
+    """z (N, Dz) -> N strings in input order, decoded in batches of rows with similar slot lengths.
+
+    Rows are sorted by slot length (stable) before batching, so a batch's rows see nearly the same PAD tail
+    (sampling.pad_tail after the batch's longest slot) whatever else is decoded with them, and short rows do not
+    pay for a long row's positions. callback(step, x (b, L), rows) gets the input indices of x's rows."""
+    if lengths is None:
+        lengths = choose_lengths(net, z, cfg)
+    order = torch.argsort(lengths.cpu(), stable=True)
+    out: list[str] = [""] * z.shape[0]
     for i in range(0, z.shape[0], batch_size):
-        out.extend(decode_latents(net, process, sampler, vocab, z[i : i + batch_size], cfg, **kw))
+        rows = order[i : i + batch_size]
+        idx = rows.to(z.device)
+        cb = None if callback is None else (lambda k, x, r=rows.tolist(): callback(k, x, r))
+        texts = decode_latents(net, process, sampler, vocab, z[idx], cfg, generator=generator, callback=cb,
+                               lengths=lengths[idx.to(lengths.device)])
+        for j, text in zip(rows.tolist(), texts, strict=True):
+            out[j] = text
     return out

@@ -36,7 +36,7 @@ from sgdd.checkpoint import (
     save_checkpoint,
 )
 from sgdd.config import Config
-from sgdd.generation import decode_in_batches
+from sgdd.generation import decode_sorted
 from sgdd.precision import autocast, resolve_precision
 from sgdd.tracking import Tracker
 
@@ -351,7 +351,7 @@ def reconstruct(net, process, sampler, vocab, emb: torch.Tensor, cfg: Config, se
     net.eval()
     gen = torch.Generator(device=emb.device).manual_seed(seed)
     z, _ = net.vib(emb)
-    return decode_in_batches(net, process, sampler, vocab, z, cfg, cfg.sampling.batch_size, generator=gen)
+    return decode_sorted(net, process, sampler, vocab, z, cfg, cfg.sampling.batch_size, generator=gen)
 
 
 def bleu(hyps: list[str], refs: list[str]) -> float:

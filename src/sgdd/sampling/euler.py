@@ -31,7 +31,7 @@ import torch
 
 from sgdd.diffusion.score_entropy import PAD_ID, Graph, ScoreEntropyProcess, one_hot
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS, Sampler
+from sgdd.sampling.base import SAMPLERS, Sampler, slot_width
 from sgdd.sampling.guidance import guided
 
 ROW_CHUNK_ELEMENTS = 1 << 23  # rows x V handled at once after the forward (the uniform graph moves every row)
@@ -115,7 +115,7 @@ class ScoreSampler(Sampler):
 
     @torch.inference_mode()
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None):
-        """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = lengths.max(); see sgdd.sampling.base."""
+        """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = slot_width(lengths); see sgdd.sampling.base."""
         if not isinstance(process, ScoreEntropyProcess):
             raise ConfigError(
                 f"the {self.name} sampler needs diffusion.process = score_entropy, got {type(process).__name__}; "
@@ -128,7 +128,7 @@ class ScoreSampler(Sampler):
         lengths = lengths.to(device=device, dtype=torch.long)
         if lengths.shape != (B,) or int(lengths.min()) < 1:
             raise ValueError(f"lengths must be (B,) = ({B},) positive integers, got {tuple(lengths.shape)}")
-        L = int(lengths.max())
+        L = slot_width(lengths, self.cfg)
         pad_id = getattr(process, "pad_id", PAD_ID)
         valid = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (B, L)
 

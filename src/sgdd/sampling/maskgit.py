@@ -10,8 +10,8 @@ positions stay masked after step k (cosine unmasking schedule; m_K = 0, so nothi
 confidence of a prediction is the guided model's probability of the chosen token (float32); for ranking,
 annealed Gumbel noise can be added to its log: log p + gumbel_noise * (1 - (k-1)/K) * G, G ~ Gumbel(0, 1)
 drawn in float64. MASK is never predicted; PAD and EOS are (the model learns where a sentence ends).
-The process is told the fraction of the row's L = max(lengths) positions that are masked (the PAD tail
-counts as visible), the quantity the masked process conditions on in training.
+The process is told the fraction of the row's L positions (slots + PAD tail, sgdd.sampling.base.slot_width)
+that are masked (the PAD tail counts as visible), the quantity the masked process conditions on in training.
 
 De-duplication (sampling.dedupe): when several masked positions of a row predict the same token
 in one step, only the most confident of them can be committed in that step (PAD exempt); parallel decoding
@@ -53,7 +53,7 @@ import math
 import torch
 
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS, Sampler
+from sgdd.sampling.base import SAMPLERS, Sampler, slot_width
 from sgdd.sampling.guidance import guided, row_slices
 
 PAD_ID = 0  # decoder vocabulary contract (sgdd.data.Vocab.PAD); a process may override with .pad_id
@@ -300,7 +300,7 @@ class MaskGITSampler(Sampler):
 
     @torch.inference_mode()
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None, init=None):
-        """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = lengths.max(); see Sampler.sample.
+        """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = slot_width(lengths); see Sampler.sample.
 
         init (B, L) long, optional: start from this partly decoded state instead of all MASK (lengths is then
         ignored): only its MASK positions are decoded, on the same cosine schedule over their count (refinement)."""
@@ -325,7 +325,7 @@ class MaskGITSampler(Sampler):
             lengths = lengths.to(device=device, dtype=torch.long)
             if lengths.shape != (B,) or int(lengths.min()) < 1:
                 raise ValueError(f"lengths must be (B,) = ({B},) positive integers, got {tuple(lengths.shape)}")
-            L = int(lengths.max())
+            L = slot_width(lengths, self.cfg)
             valid = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (B, L) positions to decode
             x = torch.full((B, L), pad_id, dtype=torch.long, device=device).masked_fill(valid, mask_id)
         commit_conf = torch.full((B, L), math.inf, dtype=torch.float64, device=device)  # log p at commit time
