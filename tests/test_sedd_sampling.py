@@ -305,9 +305,10 @@ def test_row_chunking_gives_the_same_result(graph, noise, monkeypatch):
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_pad_tail_adds_visible_pad_after_the_longest_slot(sampler):
+@pytest.mark.parametrize("graph, noise", [("absorbing", "loglinear"), ("uniform", "geometric")])
+def test_pad_tail_adds_visible_pad_after_the_longest_slot(sampler, graph, noise):
     V = 9
-    cfg = make_cfg("absorbing", "loglinear", sampler, 4)
+    cfg = make_cfg(graph, noise, sampler, 4, greedy=graph == "absorbing")
     cfg.sampling.pad_tail = 3
     proc = ScoreEntropyProcess(cfg, vocab_size=V)
     lengths = torch.tensor([5, 2])

@@ -162,13 +162,15 @@ class SGDD:
 
         from sgdd.data import make_batch
         from sgdd.precision import autocast
+        from sgdd.sampling.base import pad_tail
         from sgdd.sampling.maskgit import MaskGITSampler
         from sgdd.sampling.refine import refine
 
         s = cfg.sampling
         spare, L = 2, cfg.data.max_length
         ids = [self.vocab.encode(t)[: L - 1] for t in start]
-        x = make_batch(ids, L, spare).to(self.device)  # tokens, EOS, PAD; longest + 1 + 2 spare positions
+        # tokens, EOS, PAD: longest + 1 + 2 spare positions + the visible PAD tail every decode gets
+        x = make_batch(ids, L, spare + pad_tail(cfg)).to(self.device)
         C = s.refine_candidates
         fill_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(
             s, sampler="maskgit", steps=s.refine_steps, gumbel_noise=max(s.gumbel_noise, 1.0), remask=0.0))
