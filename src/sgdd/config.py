@@ -175,8 +175,8 @@ class SamplingConfig:
     # visible PAD positions after the longest slot of a batch (capped at data.max_length); None = data.pad_slack
     # + 4. Training rows end in a PAD tail (the bucket's longest + 1 + up to data.pad_slack); decoded without one,
     # the model ends sentences early: 60-minute fiction model (pad_slack 12), length-sorted batches, 1,000
-    # held-out sentences: tail 0 BLEU 6.04 (length ratio 0.67), tail 16 8.10 (0.96) (bench/RESULTS.md "Seventh
-    # round")
+    # held-out sentences: tail 0 BLEU 6.04 (length ratio 0.67); tail 16 8.50 and 7.71 on their two halves (0.96
+    # on the first) (bench/RESULTS.md "Seventh round")
     pad_tail: int | None = None
     rerank: int = 1  # best-of-K by re-embedding cosine; 1 = off
     # encoder-guided refinement (sgdd.sampling.refine): rounds of "re-mask a fraction of the hypothesis, refill
