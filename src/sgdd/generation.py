@@ -75,16 +75,15 @@ def decode_sorted(
     Rows are sorted by slot length (stable) before batching, so a batch's rows see nearly the same PAD tail
     (sampling.pad_tail after the batch's longest slot) whatever else is decoded with them, and short rows do not
     pay for a long row's positions. callback(step, x (b, L), rows) gets the input indices of x's rows."""
-    if lengths is None:
-        lengths = choose_lengths(net, z, cfg)
-    order = torch.argsort(lengths.cpu(), stable=True)
+    lengths = choose_lengths(net, z, cfg) if lengths is None else lengths.to(z.device)
+    order = torch.argsort(lengths, stable=True)
     out: list[str] = [""] * z.shape[0]
     for i in range(0, z.shape[0], batch_size):
-        rows = order[i : i + batch_size]
-        idx = rows.to(z.device)
-        cb = None if callback is None else (lambda k, x, r=rows.tolist(): callback(k, x, r))
+        idx = order[i : i + batch_size]
+        rows = idx.tolist()
+        cb = None if callback is None else (lambda k, x, r=rows: callback(k, x, r))
         texts = decode_latents(net, process, sampler, vocab, z[idx], cfg, generator=generator, callback=cb,
-                               lengths=lengths[idx.to(lengths.device)])
-        for j, text in zip(rows.tolist(), texts, strict=True):
+                               lengths=lengths[idx])
+        for j, text in zip(rows, texts, strict=True):
             out[j] = text
     return out
