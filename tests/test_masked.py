@@ -307,3 +307,66 @@ def test_sampled_softmax_is_used_in_training_only_and_needs_counts():
     cfg.diffusion = dataclasses.replace(cfg.diffusion, softmax_sample=3)
     with pytest.raises(RuntimeError, match="set_token_counts"):
         PROCESSES.get("masked")(cfg).loss(model, x0, z)
+
+
+class SelfCondModel(torch.nn.Module):
+    """A self-conditioned stand-in: features are a function of x_t; records the sc each forward receives."""
+
+    self_condition = True
+
+    def __init__(self, B, L):
+        super().__init__()
+        self.table = TableModel(B, L)
+        self.received = []
+
+    def features(self, x_t, t, z, uncond=None, sc=None):
+        return torch.stack([x_t.float(), t[:, None].expand_as(x_t).float()], dim=-1)  # (B, L, 2)
+
+    def forward(self, x_t, t, z, uncond=None, select=None, columns=None, target=None, sc=None):
+        self.received.append((x_t.clone(), t.clone(), None if sc is None else sc.clone()))
+        return self.table(x_t, t, z, uncond=uncond, select=select, columns=columns, target=target)
+
+
+def self_cond_process(prob):
+    proc = make_process()
+    proc.self_condition, proc.self_condition_prob = True, prob
+    return proc
+
+
+def test_self_condition_training_feeds_the_models_own_estimate_to_a_share_of_rows():
+    x0 = clean_batch(B=64, L=9)
+    z = torch.zeros(64, 2)
+    model = SelfCondModel(64, 9)
+    torch.manual_seed(0)
+    self_cond_process(1.0).loss(model, x0, z)
+    x_t, t, sc = model.received[-1]
+    assert torch.equal(sc, model.features(x_t, t, z))  # every row: its own estimate at the same x_t, t
+    torch.manual_seed(0)
+    self_cond_process(0.5).loss(model, x0, z)
+    x_t, t, sc = model.received[-1]
+    picked = sc.flatten(1).abs().sum(dim=1) > 0
+    assert 10 < int(picked.sum()) < 54  # about half the rows
+    assert torch.equal(sc[picked], model.features(x_t, t, z)[picked])
+    assert (sc[~picked] == 0).all()  # the others: no estimate, as at the first sampling step
+    self_cond_process(0.0).loss(model, x0, z)
+    assert model.received[-1][2] is None
+    with torch.no_grad():  # validation: always the estimate (sampling has one after its first step)
+        self_cond_process(0.0).loss(model, x0, z)
+    x_t, t, sc = model.received[-1]
+    assert torch.equal(sc, model.features(x_t, t, z))
+    # a model without self-conditioning is never handed sc
+    plain = TableModel(64, 9)
+    self_cond_process(1.0).loss(plain, x0, z)
+
+
+def test_self_condition_trains_its_input_map_with_a_real_decoder():
+    from sgdd.models import Decoder
+
+    cfg = ModelConfig(init_from="scratch", num_layers=1, hidden_size=32, num_heads=4, latent_dim=4,
+                      bow_head=False, self_condition=True)
+    dec = Decoder(cfg, V, 9)
+    proc = self_cond_process(1.0)
+    torch.manual_seed(0)
+    loss, _ = proc.loss(dec, clean_batch(), torch.randn(6, 4))
+    loss.backward()
+    assert dec.sc_proj.weight.grad is not None and dec.sc_proj.weight.grad.abs().sum() > 0

@@ -37,9 +37,10 @@ class FakeProcess:
     def __init__(self):
         self.ratios = []
 
-    def clean_logits(self, model, x_t, mask_ratio, z, uncond=None, select=None):
+    def clean_logits(self, model, x_t, mask_ratio, z, uncond=None, select=None, **sc_kw):
         self.ratios.append(mask_ratio.clone())
-        return model(x_t, mask_ratio, z, uncond=uncond, select=select).float()
+        out = model(x_t, mask_ratio, z, uncond=uncond, select=select, **sc_kw)
+        return (out[0].float(), out[1]) if sc_kw.get("return_features") else out.float()
 
 
 class TargetModel:
@@ -492,3 +493,48 @@ def test_slot_width_caps_the_tail_at_max_length_and_defaults_to_pad_slack():
     cfg.sampling.pad_tail = None
     cfg.data.max_length, cfg.data.pad_slack = 64, 12
     assert slot_width(torch.tensor([5]), cfg) == 5 + 12 + 4
+
+
+class SelfCondTarget(TargetModel):
+    """TargetModel with self-conditioning: returns (logits, features) where a row's features encode the call
+    index, the row and whether it was a null pass; records every sc it receives."""
+
+    self_condition = True
+
+    def __init__(self, target):
+        super().__init__(target)
+        self.received = []  # (rows (b,), uncond (b,) | None, sc | None) per call
+
+    def __call__(self, x_t, t, z, uncond=None, select=None, sc=None, return_features=False):
+        logits = super().__call__(x_t, t, z, uncond=uncond, select=select)
+        rows = z[:, -1].long()
+        null = torch.zeros_like(rows) if uncond is None else uncond.long()
+        self.received.append((rows.clone(), null.clone(), None if sc is None else sc.clone()))
+        code = (len(self.calls) * 1000 + rows * 10 + null).float()  # (b,)
+        feats = code[:, None, None].expand(x_t.shape[0], x_t.shape[1], 3).clone()
+        return (logits, feats) if return_features else logits
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_self_conditioned_sampling_hands_each_row_its_last_estimate(scale):
+    target = _target(B=4, L=9, seed=5)
+    model = SelfCondTarget(target)
+    lengths = torch.tensor([9, 2, 6, 9])  # short rows go idle at some steps
+    x = MaskGITSampler(make_cfg(steps=6)).sample(model, FakeProcess(), rowz(4), lengths, scale)
+    expected = torch.where(torch.arange(9)[None] < lengths[:, None], target, PAD)
+    assert torch.equal(x, expected)
+    assert model.received[0][2] is None  # the first call has no estimate
+    last = {}  # (row, null) -> code of the features it last produced
+    for call, (rows, null, sc) in enumerate(model.received, start=1):
+        if sc is not None:
+            got = sc[:, 0, 0]
+            want = torch.tensor([float(last[(int(r), int(n))]) for r, n in zip(rows, null)])
+            assert torch.equal(got, want)
+            assert (sc == sc[:, :1, :1]).all()
+        for r, n in zip(rows, null):
+            last[(int(r), int(n))] = call * 1000 + int(r) * 10 + int(n)
+    assert len(model.received) > 1
+    if scale != 1.0:
+        assert any(int(n.sum()) > 0 for _, n, _ in model.received)  # null passes keep their own estimates
+    full = 4 if scale == 1.0 else 8  # rows per call without skipping (x2 with guidance)
+    assert any(len(r) < full for r, _, _ in model.received)  # some calls skipped idle rows

@@ -400,3 +400,44 @@ def test_z_positions_start_at_zero_and_reach_only_masked_inputs():
         hook.remove()
     diff = (seen[0] - b_in[0]).abs().sum(-1)  # (B, L)
     assert (diff[:, ::2] > 0).all() and (diff[:, 1::2] == 0).all()
+
+
+def test_self_condition_starts_neutral_and_reaches_only_masked_inputs():
+    """model.self_condition: the previous estimate's features enter [MASK] inputs through a zero-initialised
+    map; return_features gives the features at every position, from which the logits are scored."""
+    x, t, z = inputs()
+    x[:, ::2] = 1  # MASK at even positions
+    x[:, 1::2] = x[:, 1::2].clamp(min=2)
+    torch.manual_seed(0)
+    dec = Decoder(tiny_cfg(bow_head=False, self_condition=True), V, L).eval()
+    perturb_modulation(dec)
+    D = dec.arch.dim
+    sc = torch.randn(3, L, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(dec(x, t, z), dec(x, t, z, sc=sc))  # zero at init: the estimate changes nothing
+        dec.sc_proj.weight.normal_()
+        dec.sc_proj.bias.normal_()
+        seen = []
+        hook = dec.emb_norm.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+        dec(x, t, z)
+        dec(x, t, z, sc=sc)
+        dec(x, t, z, sc=torch.zeros_like(sc))
+        hook.remove()
+        no_est, with_est, zero_est = seen
+        masked = (x == 1)[..., None]
+        assert torch.equal(no_est, zero_est)  # "no estimate" is the all-zero estimate
+        assert torch.equal(no_est.masked_select(~masked), with_est.masked_select(~masked))  # visible: untouched
+        assert not torch.allclose(no_est.masked_select(masked), with_est.masked_select(masked))
+        select = x == 1
+        logits, feats = dec(x, t, z, select=select, sc=sc, return_features=True)
+        assert feats.shape == (3, L, D)
+        assert torch.allclose(feats, dec.features(x, t, z, sc=sc), atol=1e-6)
+        assert torch.allclose(logits, dec(x, t, z, select=select, sc=sc), atol=1e-5)
+        with pytest.raises(ValueError, match="sc must be"):
+            dec(x, t, z, sc=sc[:, :3])
+
+
+def test_self_condition_off_has_no_parameters():
+    dec = Decoder(tiny_cfg(), V, L)
+    assert dec.sc_proj is None and not dec.self_condition
+    assert not any(k.startswith("sc_proj") for k in dec.state_dict())

@@ -39,6 +39,12 @@ class ModelConfig:
     # z also enters the input of every [MASK] position through a per-position linear map (zero at init): each
     # hidden position starts from its own guess of its token instead of the shared [MASK] embedding
     z_positions: bool = False
+    # self-conditioning (masked process): every [MASK] input also sees the model's own previous estimate of that
+    # position (its output features from the previous denoising step, through a zero-initialised map). In
+    # training, a no-grad first pass on self_condition_prob of the rows supplies the estimate (the other rows
+    # get none, like the first sampling step).
+    self_condition: bool = False
+    self_condition_prob: float = 0.5
     tie_embeddings: bool = True  # output layer shares the token embedding matrix
     length_head: bool = True  # predict the sentence length from z (used by samplers with length=predict)
     # bag-of-words head: z -> which vocabulary tokens the sentence contains (multi-label, trained with BCE);
@@ -447,6 +453,11 @@ def validate_config(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: training.latent_pretrain_steps > 0 needs model.bow_head = true (it fits that head)")
     if len(cfg.training.betas) != 2:
         raise ConfigError(f"{where}: training.betas must be two numbers, e.g. [0.9, 0.98]; got {cfg.training.betas}")
+    if not 0.0 <= cfg.model.self_condition_prob <= 1.0:
+        raise ConfigError(f"{where}: model.self_condition_prob must be in [0, 1], got {cfg.model.self_condition_prob}")
+    if cfg.model.self_condition and d.process != "masked":
+        raise ConfigError(f"{where}: model.self_condition works with diffusion.process = masked only; set it to "
+                          "false for score_entropy")
     if not 0.0 <= cfg.model.cond_dropout < 1.0:
         raise ConfigError(f"{where}: model.cond_dropout must be in [0, 1), got {cfg.model.cond_dropout}")
     if cfg.data.source in ("text", "disk") and not cfg.data.path:

@@ -44,7 +44,9 @@ class Process:
         select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of p(x_0 | x_t) (float32) for a partially masked x_t whose fraction of masked positions is
-        mask_ratio (B,). Used by MaskGIT-style samplers; processes without an absorbing state raise."""
+        mask_ratio (B,). Used by MaskGIT-style samplers; processes without an absorbing state raise.
+        Processes that train self-conditioned models (the masked one) also take `sc=` and
+        `return_features=` (see MaskedProcess.clean_logits)."""
         raise NotImplementedError(f"{type(self).__name__} has no absorbing state: MaskGIT does not apply")
 
 

@@ -67,6 +67,8 @@ class MaskedProcess(Process):
         self.mask_id = MASK_ID
         self.pad_id = PAD_ID
         self.softmax_sample = int(getattr(d, "softmax_sample", 0))
+        self.self_condition = bool(getattr(cfg.model, "self_condition", False))
+        self.self_condition_prob = float(getattr(cfg.model, "self_condition_prob", 0.5))
         self._frequent: torch.Tensor | None = None  # sampled softmax: always-scored ids (set_token_counts)
         self._rest: torch.Tensor | None = None  # the ids negatives are drawn from
 
@@ -129,20 +131,45 @@ class MaskedProcess(Process):
         n_masked = masked.sum(dim=1)  # (B,)
         t_model = self.model_time(self.time_of_mask_ratio(n_masked.float() / L))
         target = x0[masked]  # (N,)
+        extra = {}
+        if self.self_condition and getattr(model, "self_condition", False):
+            prob = self.self_condition_prob if torch.is_grad_enabled() else 1.0
+            sc = self.estimate(model, x_t, t_model, z, uncond, prob, generator)
+            if sc is not None:
+                extra["sc"] = sc
         if sampled:
             cols, logw = self._sample_columns(x0.device, generator)
-            logits = model(x_t, t_model, z, uncond=uncond, select=masked, columns=cols, target=target)
+            logits = model(x_t, t_model, z, uncond=uncond, select=masked, columns=cols, target=target, **extra)
             logits = logits.float() + F.pad(logw, (0, 1))  # (N, C + 1); the own target is the last column
             logits = logits.masked_fill(F.pad(cols[None, :] == target[:, None], (0, 1)), float("-inf"))
             target = torch.full_like(target, cols.numel())
         else:
-            logits = model(x_t, t_model, z, uncond=uncond, select=masked)  # (N, V), N = masked.sum()
+            logits = model(x_t, t_model, z, uncond=uncond, select=masked, **extra)  # (N, V), N = masked.sum()
             logits = exclude_class(logits, self.mask_id)
         ce = F.cross_entropy(logits, target, reduction="none")  # (N,) float32
         row = torch.arange(B, device=x0.device).repeat_interleave(n_masked)  # (N,) sequence of each row
         ce_sum = torch.zeros(B, device=x0.device, dtype=ce.dtype).index_add(0, row, ce)  # (B,)
         nll = self.schedule.weight(t.float()) * ce_sum / L  # (B,) per-token ELBO term
         return logits, target, ce, nll, masked
+
+    @staticmethod
+    def estimate(model, x_t, t_model, z, uncond, prob: float, generator=None) -> torch.Tensor | None:
+        """Self-conditioning input for a training or validation pass: the model's own output features (no
+        gradient) for a random `prob` share of the rows, zeros for the rest (as at the first sampling step, which
+        has no previous estimate); None when no row is drawn. x_t (B, L) -> (B, L, D)."""
+        B = x_t.shape[0]
+        if prob >= 1.0:
+            pick = torch.ones(B, dtype=torch.bool, device=x_t.device)
+        else:
+            pick = torch.rand(B, device=x_t.device, generator=generator) < prob
+        if not bool(pick.any()):
+            return None
+        rows = pick.nonzero()[:, 0]
+        with torch.no_grad():
+            f = model.features(x_t[rows], t_model[rows], z[rows], None if uncond is None else uncond[rows])
+        sc = f.new_zeros((B, *f.shape[1:]))
+        sc[rows] = f
+        return sc
 
     # -----------------------------------------------------------------------------------------------------
     # the Process interface
@@ -180,10 +207,17 @@ class MaskedProcess(Process):
         z: torch.Tensor,
         uncond: torch.Tensor | None = None,
         select: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits of p(x_0 | x_t), float32, [MASK] excluded; (B, L, V) or (N, V) at the selected positions."""
+        sc: torch.Tensor | None = None,
+        return_features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits of p(x_0 | x_t), float32, [MASK] excluded; (B, L, V) or (N, V) at the selected positions.
+        With a self-conditioned model: `sc` is the previous estimate's features, and `return_features` returns
+        (logits, features) (see Decoder.forward)."""
         t = self.model_time(self.time_of_mask_ratio(mask_ratio.to(x_t.device)))
-        return exclude_class(model(x_t, t, z, uncond=uncond, select=select), self.mask_id)
+        if not return_features and sc is None:
+            return exclude_class(model(x_t, t, z, uncond=uncond, select=select), self.mask_id)
+        logits, feats = model(x_t, t, z, uncond=uncond, select=select, sc=sc, return_features=True)
+        return exclude_class(logits, self.mask_id), feats
 
     @torch.no_grad()
     def nll(

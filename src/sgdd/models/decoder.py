@@ -115,6 +115,9 @@ class Decoder(nn.Module):
             self.prefix_pos = nn.Parameter(torch.zeros(self.num_prefix, D))
         # per-position map z -> (max_length, D) added at [MASK] inputs
         self.z_pos = nn.Linear(cfg.latent_dim, max_length * D) if cfg.z_positions else None
+        # self-conditioning: the previous estimate's output features (B, L, D) -> added at [MASK] inputs
+        self.self_condition = bool(cfg.self_condition)
+        self.sc_proj = nn.Linear(D, D) if self.self_condition else None
         self.emb_norm = nn.LayerNorm(D, eps=arch.eps) if arch.kind == "pretrained" else nn.Identity()
         self.emb_drop = nn.Dropout(cfg.dropout)
 
@@ -177,6 +180,9 @@ class Decoder(nn.Module):
             nn.init.normal_(self.pos_emb, std=0.02)
         if self.num_prefix > 0:
             nn.init.normal_(self.prefix_pos, std=0.02)
+        if self.sc_proj is not None:  # zero: no estimate and any estimate give the same output at step 0
+            nn.init.zeros_(self.sc_proj.weight)
+            nn.init.zeros_(self.sc_proj.bias)
         if self.z_pos is not None:  # zero: the pretrained embedding of [MASK] at step 0
             nn.init.zeros_(self.z_pos.weight)
             nn.init.zeros_(self.z_pos.bias)
@@ -242,14 +248,25 @@ class Decoder(nn.Module):
         return c, z
 
     def hidden(
-        self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None
+        self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None,
+        sc: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states after the last block (B, L, D), prefix dropped, and the condition c (B, D)."""
-        h, c, _ = self._hidden(x_t, t, z, uncond)
+        h, c, _ = self._hidden(x_t, t, z, uncond, sc)
         return h, c
 
+    def features(
+        self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None,
+        sc: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The output features at every position (B, L, D): what the output table scores, and what a
+        self-conditioned decoder takes back as `sc` at the next denoising step."""
+        h, c, _ = self._hidden(x_t, t, z, uncond, sc)
+        return self.final.features(h, c)
+
     def _hidden(
-        self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None
+        self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None,
+        sc: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L = x_t.shape
         if L > self.max_length:
@@ -264,6 +281,14 @@ class Decoder(nn.Module):
         if self.z_pos is not None:
             zp = self.z_pos(z).view(B, self.max_length, -1)[:, :L]  # (B, L, D)
             h = h + zp.to(h.dtype) * (x_t == MASK_ID).unsqueeze(-1).to(h.dtype)
+        if self.sc_proj is not None:  # no estimate (sc None) counts as all-zero features
+            if sc is None:
+                est = self.sc_proj.bias.to(h.dtype)  # (D,) = sc_proj(0)
+            elif sc.shape != h.shape:
+                raise ValueError(f"sc must be (B, L, D) = {tuple(h.shape)}, got {tuple(sc.shape)}")
+            else:
+                est = self.sc_proj(sc.to(h.dtype))  # (B, L, D)
+            h = h + est * (x_t == MASK_ID).unsqueeze(-1).to(h.dtype)
         P = self.num_prefix
         if P > 0:
             prefix = self.prefix_proj(z).view(B, P, -1) + self.prefix_pos  # (B, P, D)
@@ -285,16 +310,29 @@ class Decoder(nn.Module):
         select: torch.Tensor | None = None,
         columns: torch.Tensor | None = None,
         target: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        sc: torch.Tensor | None = None,
+        return_features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x_t (B, L) long, t (B,) in [0, 1], z (B, Dz), uncond (B,) bool, select (B, L) bool ->
         logits (B, L, V), or (N, V) for the N selected positions in row-major order.
 
         Sampled-softmax training (`columns` (C,) vocabulary ids and `target` (N,), with `select`): logits
         (N, C + 1), the C columns followed by each row's logit of its own target; the (D x V) product shrinks
-        to (D x (C + 1))."""
-        h, c, z_eff = self._hidden(x_t, t, z, uncond)
+        to (D x (C + 1)).
+
+        Self-conditioning (model.self_condition): `sc` (B, L, D) is the previous estimate's output features,
+        added through `sc_proj` at the [MASK] inputs (None = no estimate); `return_features` also returns this
+        call's features at every position (B, L, D), the next step's `sc`: (logits, features)."""
+        h, c, z_eff = self._hidden(x_t, t, z, uncond, sc)
         embedding = self.tok_emb.weight if self.tie_embeddings else None
-        if columns is None:
+        feats = None
+        if return_features:
+            if columns is not None:
+                raise ValueError("return_features is for full-vocabulary calls, not sampled-softmax training")
+            feats = self.final.features(h, c)  # (B, L, D)
+            f = feats if select is None else feats[select]
+            logits = self.final.project(f, embedding)
+        elif columns is None:
             logits = self.final(h, c, select, embedding)
         else:
             if select is None or target is None:
@@ -304,6 +342,11 @@ class Decoder(nn.Module):
                 [self.final.project(f, embedding, columns), self.final.target_logits(f, target, embedding)[:, None]],
                 dim=1,
             )  # (N, C + 1)
+        logits = self._add_prior(logits, z_eff, x_t, select, columns, target)
+        return logits if feats is None else (logits, feats)
+
+    def _add_prior(self, logits, z_eff, x_t, select, columns, target) -> torch.Tensor:
+        """The logits plus the scaled bag-of-words prior (unchanged without a bag-of-words head)."""
         if self.bow_mlp is None:
             return logits
         prior = self.bow_prior(z_eff, x_t)  # (B, V)

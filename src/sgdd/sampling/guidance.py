@@ -70,36 +70,49 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
     The wrapped call takes x_t (B, L) long, t (B,), z (B, Dz), uncond (B,) bool | None, select (B, L) bool | None
     and returns what the model returns: (B, L, V), or (N, V) for the N selected positions in row-major order.
     A caller-given `uncond` applies to the conditional pass (rows already unconditional stay so).
+    Self-conditioned models: `sc` / `return_features` pass through to the model; with guidance (`passes` = 2)
+    `sc` and the returned features hold 2B rows, the conditional pass's first. `passes` (an attribute of the
+    returned function) is the number of model passes per call, 1 or 2.
     """
     scale = float(scale)
 
     if scale == 1.0:
 
-        def conditional(x_t, t, z, uncond=None, select=None):
-            return model(x_t, t, z, uncond=uncond, select=select)
+        def conditional(x_t, t, z, uncond=None, select=None, **sc_kw):
+            return model(x_t, t, z, uncond=uncond, select=select, **sc_kw)
 
+        conditional.passes = 1
         return conditional
 
     if scale == 0.0:
 
-        def unconditional(x_t, t, z, uncond=None, select=None):
+        def unconditional(x_t, t, z, uncond=None, select=None, **sc_kw):
             B = x_t.shape[0]
             null = torch.ones(B, dtype=torch.bool, device=x_t.device)
-            return model(x_t, t, z, uncond=null, select=select)
+            return model(x_t, t, z, uncond=null, select=select, **sc_kw)
 
+        unconditional.passes = 1
         return unconditional
 
-    def cfg(x_t, t, z, uncond=None, select=None):
+    def cfg(x_t, t, z, uncond=None, select=None, sc=None, return_features=False):
         B = x_t.shape[0]
         cond_rows = uncond if uncond is not None else torch.zeros(B, dtype=torch.bool, device=x_t.device)
         null_rows = torch.ones(B, dtype=torch.bool, device=x_t.device)
+        # self-conditioning: sc holds 2B rows, the conditional pass's estimates first, the null pass's second
+        sc_kw = {} if sc is None and not return_features else {"sc": sc, "return_features": return_features}
         out = model(  # (2B, L, V) or (2N, V): the conditional rows first, the null rows second
-            _twice(x_t), _twice(t), _twice(z), uncond=torch.cat([cond_rows, null_rows]), select=_twice(select)
+            _twice(x_t), _twice(t), _twice(z), uncond=torch.cat([cond_rows, null_rows]), select=_twice(select),
+            **sc_kw,
         )
+        feats = None
+        if return_features:
+            out, feats = out
         half = out.shape[0] // 2
         cond, null = out[:half], out[half:]
         # the raw output is ours alone: a float32 one takes the result in place of its conditional half
         reuse = cond.dtype == torch.float32 and not cond.requires_grad
-        return combine(cond, null, scale, out=cond if reuse else None)
+        result = combine(cond, null, scale, out=cond if reuse else None)
+        return result if feats is None else (result, feats)
 
+    cfg.passes = 2
     return cfg

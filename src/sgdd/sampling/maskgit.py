@@ -41,6 +41,10 @@ At most K model calls, all on (B, L) / (N, V) tensors, no loop over the batch. A
 which the schedule commits something at that step (x2 with guidance): a row of n < K positions commits at
 most n times, and a finished row none, so those idle steps cost nothing. Skipping is exact: a step that
 commits nothing in a row leaves its state, and so its next prediction, unchanged.
+Self-conditioned models (model.self_condition): every call also returns the output features at all positions,
+kept per row (and per guidance pass) and handed back as the next call's estimate; the first call has none.
+An idle row's estimate is not refreshed while it skips, so with self-conditioning skipping is a (small)
+approximation: running the row would have updated its estimate, though not its tokens.
 Row-wise work on the (N, V) logits runs in cache-sized slices of rows (guidance.row_slices): on this CPU a
 whole-tensor pass at V = 20k costs 2-3x more, mostly page faults on fresh buffers.
 """
@@ -329,6 +333,10 @@ class MaskGITSampler(Sampler):
             valid = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (B, L) positions to decode
             x = torch.full((B, L), pad_id, dtype=torch.long, device=device).masked_fill(valid, mask_id)
         commit_conf = torch.full((B, L), math.inf, dtype=torch.float64, device=device)  # log p at commit time
+        # self-conditioning: each pass's output features of the last step, (passes, B, L, D), handed back as sc
+        self_cond = bool(getattr(model, "self_condition", False))
+        passes = getattr(step_model, "passes", 1)
+        state: torch.Tensor | None = None
         n = valid.sum(dim=1)  # (B,) positions to decode per row
 
         for k in range(1, K + 1):
@@ -355,9 +363,19 @@ class MaskGITSampler(Sampler):
             rows = slice(None) if bool(active.all()) else active.nonzero()[:, 0]  # a slice indexes without copying
             mask = mask & active[:, None]
             x_in, mask_in = x[rows], mask[rows]
-            logits = process.clean_logits(  # (N, V), N = mask.sum() (active rows only)
-                step_model, x_in, mask_ratio[rows], z[rows], select=mask_in
-            )
+            if self_cond:
+                b = x_in.shape[0]
+                sc_in = None if state is None else state[:, rows].reshape(passes * b, L, -1)
+                logits, feats = process.clean_logits(
+                    step_model, x_in, mask_ratio[rows], z[rows], select=mask_in, sc=sc_in, return_features=True
+                )
+                if state is None:
+                    state = feats.new_zeros((passes, B, L, feats.shape[-1]))
+                state[:, rows] = feats.view(passes, b, L, -1)
+            else:
+                logits = process.clean_logits(  # (N, V), N = mask.sum() (active rows only)
+                    step_model, x_in, mask_ratio[rows], z[rows], select=mask_in
+                )
             if s.repeat_penalty > 0:
                 exempt = self.exempt(logits.shape[-1], pad_id, x.device)
                 logits = penalize_repeats(logits, x_in, mask_in, exempt, s.repeat_penalty, mask_id)
