@@ -420,6 +420,11 @@ def part_sample(args: argparse.Namespace, sizes: Sizes) -> dict:
 
     if args.checkpoint:
         model = SGDD.from_pretrained(args.checkpoint, device="cpu")
+        if args.set:  # --set KEY=VALUE applies to the checkpoint's config too (e.g. sampling.shortlist=256)
+            from sgdd.config import apply_overrides, config_from_dict, config_to_dict, validate_config
+
+            model.cfg = config_from_dict(apply_overrides(config_to_dict(model.cfg), args.set), "--set")
+            validate_config(model.cfg, "--set")
         cfg = model.cfg
         if cfg.training.threads > 0:
             torch.set_num_threads(cfg.training.threads)

@@ -148,3 +148,30 @@ def test_betas_must_be_two_numbers():
 def test_softmax_sample_is_validated(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(None, overrides)
+
+
+def test_shortlist_settings_are_validated():
+    from sgdd.config import Config, validate_config
+
+    cfg = Config()
+    cfg.sampling.shortlist = -1
+    with pytest.raises(ConfigError, match="sampling.shortlist"):
+        validate_config(cfg)
+    cfg = Config()
+    cfg.sampling.shortlist, cfg.model.bow_head = 256, False
+    with pytest.raises(ConfigError, match="bag-of-words head"):
+        validate_config(cfg)
+
+
+def test_self_condition_settings_are_validated():
+    from sgdd.config import Config, validate_config
+
+    cfg = Config()
+    cfg.model.self_condition_prob = 1.5
+    with pytest.raises(ConfigError, match="self_condition_prob"):
+        validate_config(cfg)
+    cfg = Config()
+    cfg.model.self_condition, cfg.diffusion.process = True, "score_entropy"
+    cfg.sampling.sampler = "euler"
+    with pytest.raises(ConfigError, match="masked only"):
+        validate_config(cfg)

@@ -15,6 +15,7 @@ from sgdd.sampling.maskgit import (
     masked_count,
     penalize_repeats,
     ranks_in_rows,
+    shortlist_ids,
     sample_categorical,
 )
 
@@ -538,3 +539,73 @@ def test_self_conditioned_sampling_hands_each_row_its_last_estimate(scale):
         assert any(int(n.sum()) > 0 for _, n, _ in model.received)  # null passes keep their own estimates
     full = 4 if scale == 1.0 else 8  # rows per call without skipping (x2 with guidance)
     assert any(len(r) < full for r, _, _ in model.received)  # some calls skipped idle rows
+
+
+def test_penalize_repeats_in_shortlist_columns():
+    """With a shortlist the penalty lands on the column of each visible id in that row, if it has one."""
+    x = torch.tensor([[5, 5, MASK, 7], [3, MASK, MASK, 4]])
+    select = x == MASK
+    column_of = torch.full((2, V), -1, dtype=torch.long)
+    column_of[0, torch.tensor([0, 2, 5, 3])] = torch.arange(4)  # row 0's shortlist: ids 0, 2, 5, 3
+    column_of[1, torch.tensor([0, 2, 4, 9])] = torch.arange(4)  # row 1's: ids 0, 2, 4, 9 (3 is absent)
+    logits = torch.zeros(3, 4)
+    out = penalize_repeats(logits, x, select, torch.zeros(V, dtype=torch.bool), 2.0, MASK, column_of)
+    assert out[0].tolist() == [0.0, 0.0, -4.0, 0.0]  # id 5 visible twice in row 0; 7 is not in its shortlist
+    assert out[1].tolist() == [0.0, 0.0, -2.0, 0.0] and out[2].tolist() == [0.0, 0.0, -2.0, 0.0]
+
+
+def test_shortlist_ids_are_frequent_first_then_the_rows_best_bag_of_words_ids():
+    counts = torch.arange(V, 0, -1).float()  # id 0 most frequent ... id V-1 least
+    bow = torch.zeros(2, V)
+    bow[0, 9], bow[0, 3], bow[1, 11] = 5.0, 4.0, 6.0
+    bow[:, MASK] = 100.0  # never picked
+    shared, own = shortlist_ids(bow, counts, 4, 2, (PAD, EOS), MASK)
+    assert shared.tolist() == [0, 2, 3, 4]  # PAD, EOS first, MASK skipped
+    assert own.shape == (2, 2) and own[0, 0] == 9 and own[1, 0] == 11
+    assert 3 not in own[0].tolist()  # 3 (row 0's second best) is shared already: no id appears twice
+    assert MASK not in own.flatten().tolist()
+    shared, _ = shortlist_ids(bow, None, 4, 2, (PAD, EOS), MASK)
+    assert shared.tolist() == [PAD, EOS]
+
+
+class BowTarget(TargetModel):
+    """TargetModel with a bag-of-words head and the Decoder's shortlist contract."""
+
+    vocab_size = V
+    bow_mlp = True
+
+    def __init__(self, target, bow):
+        super().__init__(target)
+        self.bow = bow  # (B, V) indexed by the row code in z
+
+    def bow_logits(self, z):
+        return self.bow[z[:, -1].long()]
+
+    def __call__(self, x_t, t, z, uncond=None, select=None, shortlist=None):
+        full = super().__call__(x_t, t, z, uncond=uncond, select=select)  # (N, V)
+        if shortlist is None:
+            return full
+        shared, own = shortlist
+        cols = torch.cat([shared[None].expand(x_t.shape[0], -1), own], dim=1)[select.nonzero()[:, 0]]
+        return full.gather(1, cols)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_shortlist_decoding_equals_full_decoding_when_the_targets_are_listed(scale):
+    target = _target(B=3, L=8, seed=4)
+    bow = torch.zeros(3, V)
+    bow.scatter_(1, target, 1.0)  # each row's bag of words holds its target ids
+    counts = torch.arange(V, 0, -1).float()
+    lengths = torch.tensor([8, 5, 7])
+    full = MaskGITSampler(make_cfg(steps=4, repeat_penalty=1.0, repeat_exempt=2), counts).sample(
+        BowTarget(target, bow), FakeProcess(), rowz(3), lengths, scale)
+    short = MaskGITSampler(
+        make_cfg(steps=4, repeat_penalty=1.0, repeat_exempt=2, shortlist=V - 3, shortlist_frequent=2), counts
+    ).sample(BowTarget(target, bow), FakeProcess(), rowz(3), lengths, scale)
+    assert torch.equal(short, full)
+    # a shortlist too small to hold a row's target ids cannot write them
+    tiny = MaskGITSampler(make_cfg(steps=4, shortlist=1, shortlist_frequent=2), counts).sample(
+        BowTarget(target, bow), FakeProcess(), rowz(3), lengths, scale)
+    for i in range(3):
+        allowed = {PAD, EOS} | set(shortlist_ids(bow, counts, 2, 1, (PAD, EOS), MASK)[1][i].tolist())
+        assert set(tiny[i].tolist()) <= allowed

@@ -441,3 +441,24 @@ def test_self_condition_off_has_no_parameters():
     dec = Decoder(tiny_cfg(), V, L)
     assert dec.sc_proj is None and not dec.self_condition
     assert not any(k.startswith("sc_proj") for k in dec.state_dict())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_shortlist_logits_are_the_full_logits_at_the_shared_and_row_ids(tied):
+    x, t, z = inputs(B=3)
+    dec = Decoder(tiny_cfg(tie_embeddings=tied), V, L).eval()
+    perturb_modulation(dec)
+    with torch.no_grad():
+        dec.bow_scale.fill_(0.7)
+    select = torch.rand(3, L, generator=torch.Generator().manual_seed(2)) < 0.5
+    shared = torch.tensor([0, 2, 5, 9])
+    own = torch.tensor([[11, 3, 30], [12, 39, 4], [20, 21, 22]])
+    with torch.no_grad():
+        full = dec(x, t, z, select=select)  # (N, V)
+        short = dec(x, t, z, select=select, shortlist=(shared, own))  # (N, 7)
+    rows = select.nonzero()[:, 0]
+    cols = torch.cat([shared[None].expand(3, -1), own], dim=1)[rows]  # (N, 7) ids of each column
+    assert short.shape == (int(select.sum()), 7)
+    assert torch.allclose(short, full.gather(1, cols), atol=1e-5)
+    with pytest.raises(ValueError, match="shortlist needs select"):
+        dec(x, t, z, shortlist=(shared, own))

@@ -184,6 +184,11 @@ class SamplingConfig:
     # held-out sentences: tail 0 BLEU 6.04 (length ratio 0.67); tail 16 8.50 and 7.71 on their two halves (0.96
     # on the first) (bench/RESULTS.md "Seventh round")
     pad_tail: int | None = None
+    # MaskGIT: score only a shortlist of each row's vocabulary: the shortlist_frequent most frequent training ids
+    # (PAD and EOS included) plus the `shortlist` ids the bag-of-words head ranks highest for the row's z. The
+    # (D x V) output product is most of a sampling step; 0 = off (the whole vocabulary)
+    shortlist: int = 0
+    shortlist_frequent: int = 2048
     rerank: int = 1  # best-of-K by re-embedding cosine; 1 = off
     # encoder-guided refinement (sgdd.sampling.refine): rounds of "re-mask a fraction of the hypothesis, refill
     # refine_candidates variants with MaskGIT in refine_steps steps, keep the one closest to the input's vector";
@@ -440,6 +445,12 @@ def validate_config(cfg: Config, where: str = "config") -> None:
     if cfg.sampling.pad_tail is not None and cfg.sampling.pad_tail < 0:
         raise ConfigError(f"{where}: sampling.pad_tail must be >= 0 (visible PAD positions after the slots) or null "
                           f"(data.pad_slack + 4), got {cfg.sampling.pad_tail}")
+    if cfg.sampling.shortlist < 0 or cfg.sampling.shortlist_frequent < 0:
+        raise ConfigError(f"{where}: sampling.shortlist and sampling.shortlist_frequent must be >= 0 (shortlist 0 = "
+                          f"off), got {cfg.sampling.shortlist} and {cfg.sampling.shortlist_frequent}")
+    if cfg.sampling.shortlist > 0 and not cfg.model.bow_head:
+        raise ConfigError(f"{where}: sampling.shortlist ranks ids with the bag-of-words head; this model has none "
+                          "(model.bow_head: false): set sampling.shortlist: 0")
     if cfg.sampling.refine < 0:
         raise ConfigError(f"{where}: sampling.refine must be >= 0 (rounds; 0 = off), got {cfg.sampling.refine}")
     if not 0.0 < cfg.sampling.refine_mask <= 1.0:

@@ -209,15 +209,22 @@ class MaskedProcess(Process):
         select: torch.Tensor | None = None,
         sc: torch.Tensor | None = None,
         return_features: bool = False,
+        shortlist: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits of p(x_0 | x_t), float32, [MASK] excluded; (B, L, V) or (N, V) at the selected positions.
         With a self-conditioned model: `sc` is the previous estimate's features, and `return_features` returns
-        (logits, features) (see Decoder.forward)."""
+        (logits, features) (see Decoder.forward). With a `shortlist` (shared ids, per-row ids) the logits are
+        (N, F + K) over those ids (the caller keeps [MASK] out of them)."""
         t = self.model_time(self.time_of_mask_ratio(mask_ratio.to(x_t.device)))
-        if not return_features and sc is None:
-            return exclude_class(model(x_t, t, z, uncond=uncond, select=select), self.mask_id)
-        logits, feats = model(x_t, t, z, uncond=uncond, select=select, sc=sc, return_features=True)
-        return exclude_class(logits, self.mask_id), feats
+        kw = {}
+        if sc is not None or return_features:
+            kw.update(sc=sc, return_features=return_features)
+        if shortlist is not None:
+            kw["shortlist"] = shortlist
+        out = model(x_t, t, z, uncond=uncond, select=select, **kw)
+        logits, feats = out if return_features else (out, None)
+        logits = logits.float() if shortlist is not None else exclude_class(logits, self.mask_id)
+        return logits if feats is None else (logits, feats)
 
     @torch.no_grad()
     def nll(

@@ -312,6 +312,7 @@ class Decoder(nn.Module):
         target: torch.Tensor | None = None,
         sc: torch.Tensor | None = None,
         return_features: bool = False,
+        shortlist: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x_t (B, L) long, t (B,) in [0, 1], z (B, Dz), uncond (B,) bool, select (B, L) bool ->
         logits (B, L, V), or (N, V) for the N selected positions in row-major order.
@@ -322,10 +323,22 @@ class Decoder(nn.Module):
 
         Self-conditioning (model.self_condition): `sc` (B, L, D) is the previous estimate's output features,
         added through `sc_proj` at the [MASK] inputs (None = no estimate); `return_features` also returns this
-        call's features at every position (B, L, D), the next step's `sc`: (logits, features)."""
+        call's features at every position (B, L, D), the next step's `sc`: (logits, features).
+
+        Shortlist decoding (`shortlist` = (shared (F,) ids, per_row (B, K) ids), with `select`): logits (N, F + K),
+        each selected position scored against the shared ids and its own row's ids only: exactly the full
+        logits at those ids, for a fraction of the (D x V) product."""
         h, c, z_eff = self._hidden(x_t, t, z, uncond, sc)
         embedding = self.tok_emb.weight if self.tie_embeddings else None
         feats = None
+        if shortlist is not None:
+            if select is None or columns is not None:
+                raise ValueError("shortlist needs select and excludes columns")
+            all_feats = self.final.features(h, c)  # (B, L, D)
+            feats = all_feats if return_features else None
+            logits = self._shortlist_logits(all_feats, select, shortlist, embedding)
+            logits = logits + self._shortlist_prior(z_eff, x_t, select, shortlist)
+            return logits if feats is None else (logits, feats)
         if return_features:
             if columns is not None:
                 raise ValueError("return_features is for full-vocabulary calls, not sampled-softmax training")
@@ -344,6 +357,27 @@ class Decoder(nn.Module):
             )  # (N, C + 1)
         logits = self._add_prior(logits, z_eff, x_t, select, columns, target)
         return logits if feats is None else (logits, feats)
+
+    def _shortlist_logits(self, feats, select, shortlist, embedding) -> torch.Tensor:
+        """Output logits (N, F + K) at the selected positions over the shared and the row's own shortlist ids."""
+        shared, per_row = shortlist
+        weight, bias = self.final.output_table(embedding)
+        f = feats[select]  # (N, D)
+        head = F.linear(f, weight[shared], bias[shared])  # (N, F)
+        own = torch.bmm(feats, weight[per_row].transpose(1, 2))[select] + bias[per_row][  # (N, K)
+            select.nonzero()[:, 0]
+        ]
+        return torch.cat([head, own.to(head.dtype)], dim=1)
+
+    def _shortlist_prior(self, z_eff, x_t, select, shortlist) -> torch.Tensor:
+        """The scaled bag-of-words prior at the shortlist columns (N, F + K); 0 without a bag-of-words head."""
+        if self.bow_mlp is None:
+            return torch.zeros((), device=x_t.device)
+        shared, per_row = shortlist
+        prior = self.bow_prior(z_eff, x_t)  # (B, V)
+        cols = torch.cat([shared[None, :].expand(x_t.shape[0], -1), per_row], dim=1)  # (B, F + K)
+        rows = select.nonzero()[:, 0]
+        return self.bow_scale * prior.gather(1, cols)[rows]
 
     def _add_prior(self, logits, z_eff, x_t, select, columns, target) -> torch.Tensor:
         """The logits plus the scaled bag-of-words prior (unchanged without a bag-of-words head)."""

@@ -72,7 +72,8 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
     A caller-given `uncond` applies to the conditional pass (rows already unconditional stay so).
     Self-conditioned models: `sc` / `return_features` pass through to the model; with guidance (`passes` = 2)
     `sc` and the returned features hold 2B rows, the conditional pass's first. `passes` (an attribute of the
-    returned function) is the number of model passes per call, 1 or 2.
+    returned function) is the number of model passes per call, 1 or 2. A `shortlist` (shared ids, per-row ids
+    (B, K)) passes through too, the per-row ids doubled for the null rows.
     """
     scale = float(scale)
 
@@ -94,12 +95,14 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
         unconditional.passes = 1
         return unconditional
 
-    def cfg(x_t, t, z, uncond=None, select=None, sc=None, return_features=False):
+    def cfg(x_t, t, z, uncond=None, select=None, sc=None, return_features=False, shortlist=None):
         B = x_t.shape[0]
         cond_rows = uncond if uncond is not None else torch.zeros(B, dtype=torch.bool, device=x_t.device)
         null_rows = torch.ones(B, dtype=torch.bool, device=x_t.device)
         # self-conditioning: sc holds 2B rows, the conditional pass's estimates first, the null pass's second
         sc_kw = {} if sc is None and not return_features else {"sc": sc, "return_features": return_features}
+        if shortlist is not None:  # (shared ids, per-row ids): the null rows use their conditional row's ids
+            sc_kw["shortlist"] = (shortlist[0], _twice(shortlist[1]))
         out = model(  # (2B, L, V) or (2N, V): the conditional rows first, the null rows second
             _twice(x_t), _twice(t), _twice(z), uncond=torch.cat([cond_rows, null_rows]), select=_twice(select),
             **sc_kw,

@@ -115,19 +115,49 @@ def exempt_ids(vocab_size: int, token_counts, top: int, always: tuple[int, ...])
 
 def penalize_repeats(
     logits: torch.Tensor, x: torch.Tensor, select: torch.Tensor, exempt: torch.Tensor, penalty: float,
-    mask_id: int,
+    mask_id: int, column_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lower the logit of every id visible in the row by `penalty` per visible copy (exempt ids and MASK aside).
 
     logits (N, V) for the N positions where select (B, L) is True (row-major order), x (B, L) the current ids,
-    exempt (V,) bool on x's device. Returns float32 logits (in place when they already are float32). O(N L)
-    besides the copy.
+    exempt (V,) bool on x's device. With a shortlist, logits are (N, C) and column_of (B, V) long gives each
+    row's column of an id (-1: not in the row's shortlist, nothing to lower). Returns float32 logits (in place
+    when they already are float32). O(N L) besides the copy.
     """
     logits = logits.float()
     rows = select.nonzero()[:, 0]  # (N,) the row of each selected position
     seen = x[rows]  # (N, L) ids visible in that row (MASK positions carry mask_id)
     hit = ~exempt[seen] & (seen != mask_id)
-    return logits.scatter_add_(1, seen, torch.where(hit, -float(penalty), 0.0).to(logits.dtype))
+    cols = seen
+    if column_of is not None:
+        cols = column_of[rows].gather(1, seen)  # (N, L)
+        hit &= cols >= 0
+        cols = cols.clamp(min=0)
+    return logits.scatter_add_(1, cols, torch.where(hit, -float(penalty), 0.0).to(logits.dtype))
+
+
+def shortlist_ids(
+    bow_logits: torch.Tensor, token_counts, frequent: int, per_row: int, always: tuple[int, ...], mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shared (F,), own (B, K)) decoder ids for shortlist decoding: the `frequent` most frequent ids by
+    token_counts (the ids in `always` first; without counts only those), and each row's `per_row` ids with the
+    highest bag-of-words logits (B, V) among the rest. MASK is in neither; no id appears twice in a row."""
+    B, V = bow_logits.shape
+    if token_counts is not None and frequent > 0:
+        counts = torch.as_tensor(token_counts, dtype=torch.float64).flatten().clone()
+        if counts.numel() != V:
+            raise ValueError(f"token_counts has {counts.numel()} entries, the model predicts {V} ids")
+        counts[list(always)] = math.inf
+        counts[mask_id] = -math.inf
+        shared = torch.argsort(counts, descending=True, stable=True)[: min(max(frequent, len(always)), V - 1)]
+    else:
+        shared = torch.tensor(list(always), dtype=torch.long)
+    shared = shared.to(bow_logits.device)
+    rank = bow_logits.float().clone()
+    rank[:, shared] = -math.inf
+    rank[:, mask_id] = -math.inf
+    K = min(per_row, V - shared.numel() - 1)
+    return shared, rank.topk(K, dim=1).indices
 
 
 def filter_logits(
@@ -337,6 +367,19 @@ class MaskGITSampler(Sampler):
         self_cond = bool(getattr(model, "self_condition", False))
         passes = getattr(step_model, "passes", 1)
         state: torch.Tensor | None = None
+        shared = own = cand = column_of = None
+        if s.shortlist > 0:
+            if not hasattr(model, "bow_logits") or getattr(model, "bow_mlp", None) is None:
+                raise ConfigError("sampling.shortlist needs a model with a bag-of-words head; set sampling.shortlist: 0")
+            if self.token_counts is None and s.shortlist_frequent > 0:
+                log.warning("sampling.shortlist: this vocabulary has no training token counts, so the shortlist "
+                            "holds only PAD / EOS and the bag-of-words ids")
+            shared, own = shortlist_ids(model.bow_logits(z), self.token_counts, s.shortlist_frequent, s.shortlist,
+                                        (pad_id, EOS_ID), mask_id)
+            cand = torch.cat([shared[None, :].expand(B, -1), own], dim=1)  # (B, C) the id of every column
+            V = int(model.vocab_size)
+            column_of = torch.full((B, V), -1, dtype=torch.long, device=device)
+            column_of.scatter_(1, cand, torch.arange(cand.shape[1], device=device).expand(B, -1).contiguous())
         n = valid.sum(dim=1)  # (B,) positions to decode per row
 
         for k in range(1, K + 1):
@@ -363,25 +406,31 @@ class MaskGITSampler(Sampler):
             rows = slice(None) if bool(active.all()) else active.nonzero()[:, 0]  # a slice indexes without copying
             mask = mask & active[:, None]
             x_in, mask_in = x[rows], mask[rows]
+            extra = {} if cand is None else {"shortlist": (shared, own[rows])}
             if self_cond:
                 b = x_in.shape[0]
                 sc_in = None if state is None else state[:, rows].reshape(passes * b, L, -1)
                 logits, feats = process.clean_logits(
-                    step_model, x_in, mask_ratio[rows], z[rows], select=mask_in, sc=sc_in, return_features=True
+                    step_model, x_in, mask_ratio[rows], z[rows], select=mask_in, sc=sc_in, return_features=True,
+                    **extra,
                 )
                 if state is None:
                     state = feats.new_zeros((passes, B, L, feats.shape[-1]))
                 state[:, rows] = feats.view(passes, b, L, -1)
             else:
-                logits = process.clean_logits(  # (N, V), N = mask.sum() (active rows only)
-                    step_model, x_in, mask_ratio[rows], z[rows], select=mask_in
+                logits = process.clean_logits(  # (N, V), N = mask.sum() (active rows only); (N, C) shortlisted
+                    step_model, x_in, mask_ratio[rows], z[rows], select=mask_in, **extra
                 )
             if s.repeat_penalty > 0:
-                exempt = self.exempt(logits.shape[-1], pad_id, x.device)
-                logits = penalize_repeats(logits, x_in, mask_in, exempt, s.repeat_penalty, mask_id)
+                exempt = self.exempt(V if cand is not None else logits.shape[-1], pad_id, x.device)
+                logits = penalize_repeats(logits, x_in, mask_in, exempt, s.repeat_penalty, mask_id,
+                                          None if cand is None else column_of[rows])
             ids, logconf = choose_tokens(  # (N,), (N,)
-                logits, s.greedy, s.temperature, s.top_k, s.top_p, generator, forbid=mask_id
+                logits, s.greedy, s.temperature, s.top_k, s.top_p, generator,
+                forbid=mask_id if cand is None else None,  # a shortlist never holds MASK
             )
+            if cand is not None:  # columns -> vocabulary ids
+                ids = cand[rows][mask_in.nonzero()[:, 0], ids]
 
             # scatter the N predictions back onto the (B, L) grid (row-major order = the select order)
             pred = x.masked_scatter(mask, ids)  # (B, L)
