@@ -84,6 +84,9 @@ _DECODING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
      "default: the checkpoint's (0.5 for new ones)"),
     ("--repeat-penalty", "repeat_penalty", float,
      "MaskGIT: logit penalty per visible copy of a non-frequent token (0 = off); default: the checkpoint's"),
+    ("--shortlist", "shortlist", int,
+     "MaskGIT: score only the frequent ids + this many bag-of-words ids per sentence (0 = the whole "
+     "vocabulary); default: the checkpoint's"),
 )
 
 
