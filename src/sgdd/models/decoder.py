@@ -16,7 +16,9 @@ Two initialisations (cfg.init_from):
 
 Positions: "learned" (absolute table), "rope" (rotary on q/k), or "both"; an all-[MASK] input still gives
 different outputs at different positions. Logits are computed only at `select`ed positions when given: with
-a 20-30k vocabulary the output product is most of the compute. Raw logits, no knowledge of schedules.
+a 20-30k vocabulary the output product is most of the compute; a `shortlist` (shared ids + per-row ids)
+shrinks it further at sampling time. `sc` (model.self_condition) feeds the previous step's output features back
+into the [MASK] inputs. Raw logits, no knowledge of schedules.
 """
 
 from __future__ import annotations
