@@ -41,6 +41,11 @@ At most K model calls, all on (B, L) / (N, V) tensors, no loop over the batch. A
 which the schedule commits something at that step (x2 with guidance): a row of n < K positions commits at
 most n times, and a finished row none, so those idle steps cost nothing. Skipping is exact: a step that
 commits nothing in a row leaves its state, and so its next prediction, unchanged.
+Shortlist (sampling.shortlist = K > 0): each row is scored only against the sampling.shortlist_frequent most
+frequent training ids (PAD and EOS first) plus the K ids the model's bag-of-words head ranks highest for the row's
+z (shortlist_ids; fixed for the whole decode, shared by a row's guidance passes). The logits at those ids are the
+full model's; everything after (penalty, choice, confidence) runs on the shortlisted columns, whose ids are
+mapped back before commit. Tokens outside a row's shortlist cannot be written.
 Self-conditioned models (model.self_condition): every call also returns the output features at all positions,
 kept per row (and per guidance pass) and handed back as the next call's estimate; the first call has none.
 An idle row's estimate is not refreshed while it skips, so with self-conditioning skipping is a (small)
