@@ -45,6 +45,17 @@ WIKI_SAMPLE_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-short
 CHUNK = 8192  # candidates tokenized per call of the fast tokenizer
 
 
+def frequency_order(counts, first: Sequence[int] = (), exclude: Sequence[int] = ()) -> torch.Tensor:
+    """All decoder ids but `exclude`, the ids in `first` leading (in id order), the rest by training count
+    (V,), most frequent first, ties in id order. -> LongTensor (V - len(exclude),)."""
+    c = torch.as_tensor(counts, dtype=torch.float64).flatten().clone()
+    c[list(first)] = math.inf
+    order = torch.argsort(c, descending=True, stable=True)
+    if exclude:
+        order = order[~torch.isin(order, torch.as_tensor(list(exclude), dtype=order.dtype))]
+    return order
+
+
 def _warn(msg: str) -> None:
     print(f"[sgdd.data] {msg}", file=sys.stderr, flush=True)
 

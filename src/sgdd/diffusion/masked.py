@@ -79,10 +79,9 @@ class MaskedProcess(Process):
         K = self.softmax_sample
         if K <= 0:
             return
-        c = torch.as_tensor(counts, dtype=torch.float64).flatten().clone()
-        c[[PAD_ID, EOS_ID]] = float("inf")
-        order = torch.argsort(c, descending=True, stable=True)
-        order = order[order != MASK_ID]  # never a target
+        from sgdd.data import frequency_order
+
+        order = frequency_order(counts, first=(PAD_ID, EOS_ID), exclude=(MASK_ID,))  # MASK: never a target
         K = min(K, order.numel())
         self._frequent, self._rest = order[:K].clone(), order[K:].clone()
 

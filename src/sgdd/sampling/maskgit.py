@@ -61,6 +61,7 @@ import math
 
 import torch
 
+from sgdd.data import frequency_order
 from sgdd.registry import ConfigError
 from sgdd.sampling.base import SAMPLERS, Sampler, slot_width
 from sgdd.sampling.guidance import guided, row_slices
@@ -149,12 +150,9 @@ def shortlist_ids(
     highest bag-of-words logits (B, V) among the rest. MASK is in neither; no id appears twice in a row."""
     B, V = bow_logits.shape
     if token_counts is not None and frequent > 0:
-        counts = torch.as_tensor(token_counts, dtype=torch.float64).flatten().clone()
-        if counts.numel() != V:
-            raise ValueError(f"token_counts has {counts.numel()} entries, the model predicts {V} ids")
-        counts[list(always)] = math.inf
-        counts[mask_id] = -math.inf
-        shared = torch.argsort(counts, descending=True, stable=True)[: min(max(frequent, len(always)), V - 1)]
+        if len(token_counts) != V:
+            raise ValueError(f"token_counts has {len(token_counts)} entries, the model predicts {V} ids")
+        shared = frequency_order(token_counts, first=always, exclude=(mask_id,))[: max(frequent, len(always))]
     else:
         shared = torch.tensor(list(always), dtype=torch.long)
     shared = shared.to(bow_logits.device)
