@@ -15,8 +15,8 @@ from sgdd.sampling.maskgit import (
     masked_count,
     penalize_repeats,
     ranks_in_rows,
-    shortlist_ids,
     sample_categorical,
+    shortlist_ids,
 )
 
 PAD, MASK, EOS = 0, 1, 2
@@ -529,10 +529,10 @@ def test_self_conditioned_sampling_hands_each_row_its_last_estimate(scale):
     for call, (rows, null, sc) in enumerate(model.received, start=1):
         if sc is not None:
             got = sc[:, 0, 0]
-            want = torch.tensor([float(last[(int(r), int(n))]) for r, n in zip(rows, null)])
+            want = torch.tensor([float(last[(int(r), int(n))]) for r, n in zip(rows, null, strict=True)])
             assert torch.equal(got, want)
             assert (sc == sc[:, :1, :1]).all()
-        for r, n in zip(rows, null):
+        for r, n in zip(rows, null, strict=True):
             last[(int(r), int(n))] = call * 1000 + int(r) * 10 + int(n)
     assert len(model.received) > 1
     if scale != 1.0:
