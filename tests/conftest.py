@@ -12,6 +12,10 @@ import pytest
 
 from sgdd.config import EncoderConfig
 
+# SGDD.from_pretrained and the CLIs tune glibc's allocator for the whole process (sgdd.cli.tune_malloc); the test
+# process keeps its own (tests that check the tuning patch it in)
+os.environ.setdefault("SGDD_MALLOPT", "0")
+
 
 def shared_data_dir() -> Path:
     """../shared/data next to the repository, or $SGDD_SHARED_DATA."""

@@ -28,6 +28,15 @@ def sentences(real_sentences):
     return real_sentences[:4]
 
 
+def test_from_pretrained_applies_the_cli_allocator_settings(tiny_checkpoint, monkeypatch):
+    import sgdd.cli
+
+    calls = []
+    monkeypatch.setattr(sgdd.cli, "tune_malloc", lambda: calls.append("tuned") or True)
+    SGDD.from_pretrained(tiny_checkpoint, device="cpu")
+    assert calls == ["tuned"]
+
+
 def test_reconstruct_paraphrase_interpolate_shapes(model, sentences):
     outs = model.reconstruct(sentences)
     assert len(outs) == len(sentences) and all(isinstance(o, str) for o in outs)
