@@ -163,6 +163,24 @@ def test_shortlist_settings_are_validated():
         validate_config(cfg)
 
 
+def test_kv_refresh_settings_are_validated():
+    from sgdd.config import Config, validate_config
+
+    cfg = Config()
+    cfg.sampling.kv_refresh = -1
+    with pytest.raises(ConfigError, match="sampling.kv_refresh must be >= 0"):
+        validate_config(cfg)
+    for field, value in (("self_condition", True), ("prefix_tokens", 4), ("positions", "both"), ("z_positions", True)):
+        cfg = Config()
+        cfg.sampling.kv_refresh = 4
+        setattr(cfg.model, field, value)
+        with pytest.raises(ConfigError, match="kv_refresh supports"):
+            validate_config(cfg)
+    cfg = Config()
+    cfg.sampling.kv_refresh = 4
+    validate_config(cfg)  # the default decoder is supported
+
+
 def test_self_condition_settings_are_validated():
     from sgdd.config import Config, validate_config
 

@@ -609,3 +609,42 @@ def test_shortlist_decoding_equals_full_decoding_when_the_targets_are_listed(sca
     for i in range(3):
         allowed = {PAD, EOS} | set(shortlist_ids(bow, counts, 2, 1, (PAD, EOS), MASK)[1][i].tolist())
         assert set(tiny[i].tolist()) <= allowed
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_kv_refresh_reuses_keys_and_values_of_unchanged_positions(scale):
+    """A real (tiny, perturbed) decoder: kv_refresh 1 (a full pass every step) decodes exactly as without reuse;
+    kv_refresh 3 runs only the stale positions between full passes and still ends with no MASK, PAD kept."""
+    from sgdd.config import ModelConfig
+    from sgdd.diffusion import build_process
+    from sgdd.models import Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder(ModelConfig(init_from="scratch", num_layers=2, hidden_size=32, num_heads=4, latent_dim=2), V, 16)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    dec.eval()
+    process = build_process(make_cfg())
+    calls = []
+    forward = dec.forward
+
+    def recording(*args, kv=None, **kw):
+        if kv is not None:
+            calls.append(None if kv.cache is None else kv.positions.shape[1])
+        return forward(*args, kv=kv, **kw)
+
+    dec.forward = recording
+    lengths = torch.tensor([9, 6, 3])
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    plain = MaskGITSampler(make_cfg(steps=6)).sample(dec, process, z, lengths, scale)
+    assert calls == []
+    every = MaskGITSampler(make_cfg(steps=6, kv_refresh=1)).sample(dec, process, z, lengths, scale)
+    assert torch.equal(every, plain) and calls and all(c is None for c in calls)
+    calls.clear()
+    reused = MaskGITSampler(make_cfg(steps=6, kv_refresh=3)).sample(dec, process, z, lengths, scale)
+    assert calls[0] is None and calls[3] is None  # full passes at steps 1 and 4
+    partial = [c for c in calls if c is not None]
+    assert partial and max(partial) < 9  # the other calls ran fewer positions than the row
+    assert (reused != MASK).all()
+    assert (reused[torch.arange(9)[None].expand(3, -1) >= lengths[:, None]] == PAD).all()

@@ -462,3 +462,54 @@ def test_shortlist_logits_are_the_full_logits_at_the_shared_and_row_ids(tied):
     assert torch.allclose(short, full.gather(1, cols), atol=1e-5)
     with pytest.raises(ValueError, match="shortlist needs select"):
         dec(x, t, z, shortlist=(shared, own))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reused keys / values (sampling.kv_refresh)
+
+
+@pytest.mark.parametrize("bow", [False, True])
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_kv_passes_match_the_plain_forward(pretrained, bow, request):
+    from sgdd.models.decoder import KVState
+
+    if pretrained:
+        dec, _ = minilm_decoder(request.getfixturevalue("minilm"), num_layers=2, bow_head=bow)
+        Lx = 12
+    else:
+        dec, Lx = Decoder(tiny_cfg(bow_head=bow), V, L).eval(), L
+    perturb_modulation(dec)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(3, V, (3, Lx), generator=g)
+    x[:, 4:7] = 1  # MASK
+    t, z = torch.rand(3, generator=g), torch.randn(3, DZ, generator=g)
+    select = x == 1
+    with torch.no_grad():
+        ref = dec(x, t, z, select=select)
+        state = KVState()
+        full = dec(x, t, z, select=select, kv=state)
+        # a full pass returns the plain logits and each block's keys / values
+        assert torch.allclose(full, ref, atol=1e-5)
+        assert len(state.cache) == len(dec.blocks)
+        H = dec.blocks[0].attn.num_heads
+        assert state.cache[0][0].shape == (3, H, Lx, dec.blocks[0].attn.head_dim)
+        # with the cache of the same state, running only the masked positions (+ a repeat) gives the same logits
+        positions = torch.tensor([[4, 5, 6, 4]] * 3)
+        part = dec(x, t, z, select=select, kv=KVState(state.cache, positions))
+        assert torch.allclose(part, ref, atol=1e-5)
+        # with a stale cache (another state) the logits differ: the cached entries are really used
+        y = torch.randint(3, V, (3, Lx), generator=g)
+        stale = KVState()
+        dec(y, t, z, select=select, kv=stale)
+        other = dec(x, t, z, select=select, kv=KVState(stale.cache, positions))
+        assert not torch.allclose(other, ref, atol=1e-3)
+
+
+def test_kv_is_refused_where_the_cache_would_be_wrong():
+    from sgdd.models.decoder import KVState
+
+    x, t, z = inputs()
+    for kw in (dict(prefix_tokens=2), dict(positions="both")):
+        dec = Decoder(tiny_cfg(**kw), V, L).eval()
+        with pytest.raises(ConfigError, match="kv_refresh"):
+            dec(x, t, z, kv=KVState())

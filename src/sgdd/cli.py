@@ -87,6 +87,9 @@ _DECODING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--shortlist", "shortlist", int,
      "MaskGIT: score only the frequent ids + this many bag-of-words ids per sentence (0 = the whole "
      "vocabulary); default: the checkpoint's"),
+    ("--kv-refresh", "kv_refresh", int,
+     "MaskGIT: reuse keys / values of unchanged positions, a full pass every R steps (0 = off, exact); "
+     "default: the checkpoint's"),
 )
 
 

@@ -209,8 +209,10 @@ class MaskedProcess(Process):
         sc: torch.Tensor | None = None,
         return_features: bool = False,
         shortlist: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv=None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits of p(x_0 | x_t), float32, [MASK] excluded; (B, L, V) or (N, V) at the selected positions.
+        `kv` (sgdd.models.decoder.KVState) passes through to the model (decoding with reused keys / values).
         With a self-conditioned model: `sc` is the previous estimate's features, and `return_features` returns
         (logits, features) (see Decoder.forward). With a `shortlist` (shared ids, per-row ids) the logits are
         (N, F + K) over those ids (the caller keeps [MASK] out of them)."""
@@ -220,6 +222,8 @@ class MaskedProcess(Process):
             kw.update(sc=sc, return_features=return_features)
         if shortlist is not None:
             kw["shortlist"] = shortlist
+        if kv is not None:
+            kw["kv"] = kv
         out = model(x_t, t, z, uncond=uncond, select=select, **kw)
         logits, feats = out if return_features else (out, None)
         logits = logits.float() if shortlist is not None else exclude_class(logits, self.mask_id)

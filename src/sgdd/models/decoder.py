@@ -79,6 +79,16 @@ def resolve_arch(cfg: ModelConfig, pretrained=None) -> Arch:
     )
 
 
+@dataclass
+class KVState:
+    """Keys / values reused across decoding steps (Decoder.forward(kv=...)): `cache` holds each block's (keys,
+    values) (B, H, L, hd) for x_t's rows, None before the first (full) pass; `positions` (B, r) long are the
+    positions to run at the next call (repeats allowed), None = all. forward replaces `cache` with the new one."""
+
+    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    positions: torch.Tensor | None = None
+
+
 class Decoder(nn.Module):
     def __init__(
         self,
@@ -315,6 +325,7 @@ class Decoder(nn.Module):
         sc: torch.Tensor | None = None,
         return_features: bool = False,
         shortlist: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv: KVState | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x_t (B, L) long, t (B,) in [0, 1], z (B, Dz), uncond (B,) bool, select (B, L) bool ->
         logits (B, L, V), or (N, V) for the N selected positions in row-major order.
@@ -329,8 +340,19 @@ class Decoder(nn.Module):
 
         Shortlist decoding (`shortlist` = (shared (F,) ids, per_row (B, K) ids), with `select`): logits (N, F + K),
         each selected position scored against the shared ids and its own row's ids only: exactly the full
-        logits at those ids, for a fraction of the (D x V) product."""
-        h, c, z_eff = self._hidden(x_t, t, z, uncond, sc)
+        logits at those ids, for a fraction of the (D x V) product.
+
+        Reused keys / values (`kv`, a KVState; sampling.kv_refresh): with kv.cache None every position is run
+        and kv.cache is set to each block's (keys, values) (B, H, L, hd); with kv.cache and kv.positions (B, r)
+        only those positions are run (the selected ones must be among them), attending to the cached keys /
+        values elsewhere, and kv.cache is updated at them. Approximate: cached entries were computed from an
+        earlier state and time. The logits are as without kv."""
+        if kv is not None:
+            if sc is not None or return_features or columns is not None:
+                raise ValueError("kv (decoding with reused keys / values) excludes sc, return_features and columns")
+            h, c, z_eff = self._hidden_kv(x_t, t, z, uncond, kv)
+        else:
+            h, c, z_eff = self._hidden(x_t, t, z, uncond, sc)
         embedding = self.tok_emb.weight if self.tie_embeddings else None
         feats = None
         if shortlist is not None:
@@ -359,6 +381,34 @@ class Decoder(nn.Module):
             )  # (N, C + 1)
         logits = self._add_prior(logits, z_eff, x_t, select, columns, target)
         return logits if feats is None else (logits, feats)
+
+    def _hidden_kv(self, x_t, t, z, uncond, kv: KVState):
+        """_hidden with reused keys / values (see forward): (h (B, L, D) zero outside kv.positions, c, z')."""
+        if (self.num_prefix or self.pos_emb is None or self.rope_cos is not None or self.sc_proj is not None
+                or self.z_pos is not None):
+            raise ConfigError("sampling.kv_refresh supports decoders with learned positions and without prefix tokens, "
+                              "self-conditioning or z_positions; set sampling.kv_refresh: 0")
+        B, L = x_t.shape
+        if L > self.max_length:
+            raise ValueError(f"sequence length {L} exceeds the decoder's max_length {self.max_length}")
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        c, z = self.condition(t, z, uncond)
+        idx = None if kv.cache is None else kv.positions
+        if idx is None:
+            h = self.tok_emb(x_t) + self.pos_emb[:L]
+        else:
+            h = self.tok_emb(x_t.gather(1, idx)) + self.pos_emb[idx]  # (B, r, D)
+        h = self.emb_drop(self.emb_norm(h))
+        cache = []
+        for i, block in enumerate(self.blocks):
+            h, pair = block.forward_kv(h, c, None if idx is None else kv.cache[i], idx)
+            cache.append(pair)
+        kv.cache = cache
+        if idx is not None:
+            h = h.new_zeros(B, L, h.shape[-1]).scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), h)
+        return h, c, z
 
     def _shortlist_logits(self, feats, select, shortlist, embedding) -> torch.Tensor:
         """Output logits (N, F + K) at the selected positions over the shared and the row's own shortlist ids."""

@@ -128,6 +128,24 @@ class Attention(nn.Module):
         out = attention(q, k, v, p)  # (B, H, L, hd)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
+    def forward_kv(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Attention for decoding with reused keys / values (no RoPE, no dropout).
+
+        kv None: x (B, L, D) is every position; returns (out (B, L, D), its (keys, values) (B, H, L, hd)).
+        Else x (B, r, D) holds only the positions idx (B, r) of a length-L sequence whose keys / values for
+        all L positions are kv: those at idx are replaced by x's, the queries are x's; returns (out (B, r, D),
+        the updated (keys, values) (B, H, L, hd)). A position may repeat in idx (same input, same result)."""
+        B, r, D = x.shape
+        q, k, v = self.qkv(x).view(B, r, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if kv is not None:
+            where = idx[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)
+            k = kv[0].to(k.dtype).scatter(2, where, k)
+            v = kv[1].to(v.dtype).scatter(2, where, v)
+        out = attention(q, k, v)  # (B, H, r, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, r, D)), (k, v)
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str = "gelu_tanh"):
@@ -141,7 +159,26 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class DiTBlock(nn.Module):
+class ModulatedBlock(nn.Module):
+    """A transformer block conditioned on c (B, Dc); subclasses define `_run(x, c, attn)`, the block around an
+    attention function."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope=None) -> torch.Tensor:
+        # x (B, L, D); c (B, Dc)
+        return self._run(x, c, lambda h: self.attn(h, rope))
+
+    def forward_kv(self, x, c, kv=None, idx=None):
+        """The block with reused keys / values (Attention.forward_kv): -> (x (B, r, D), (keys, values))."""
+        out = {}
+
+        def attn(h):
+            a, out["kv"] = self.attn.forward_kv(h, kv, idx)
+            return a
+
+        return self._run(x, c, attn), out["kv"]
+
+
+class DiTBlock(ModulatedBlock):
     """Pre-LN transformer block with AdaLN-Zero conditioning; the identity while its modulation is zero."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, cond_dim: int, dropout: float = 0.0):
@@ -153,17 +190,16 @@ class DiTBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope=None) -> torch.Tensor:
-        # x (B, L, D); c (B, Dc)
+    def _run(self, x: torch.Tensor, c: torch.Tensor, attn) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        a = self.drop(self.attn(modulate(self.norm1(x), shift_a, scale_a), rope))
+        a = self.drop(attn(modulate(self.norm1(x), shift_a, scale_a)))
         x = torch.addcmul(x, gate_a.unsqueeze(1), a)
         m = self.drop(self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
         x = torch.addcmul(x, gate_m.unsqueeze(1), m)
         return x
 
 
-class PretrainedBlock(nn.Module):
+class PretrainedBlock(ModulatedBlock):
     """Post-LN encoder layer (BERT / XLM-R layout) with AdaLN-Zero-style modulation:
 
         a = norm1(x + (1 + g_a) * attn(x * (1 + s_a) + b_a))
@@ -189,9 +225,9 @@ class PretrainedBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope=None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, c: torch.Tensor, attn) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        a = self.drop(self.attn(modulate(x, shift_a, scale_a), rope))
+        a = self.drop(attn(modulate(x, shift_a, scale_a)))
         x = self.norm1(torch.addcmul(x, 1 + gate_a.unsqueeze(1), a))
         m = self.drop(self.mlp(modulate(x, shift_m, scale_m)))
         return self.norm2(torch.addcmul(x, 1 + gate_m.unsqueeze(1), m))

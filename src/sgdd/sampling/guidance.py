@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+from sgdd.models.decoder import KVState
+
 ModelFn = Callable[..., torch.Tensor]
 
 
@@ -73,7 +75,8 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
     Self-conditioned models: `sc` / `return_features` pass through to the model; with guidance (`passes` = 2)
     `sc` and the returned features hold 2B rows, the conditional pass's first. `passes` (an attribute of the
     returned function) is the number of model passes per call, 1 or 2. A `shortlist` (shared ids, per-row ids
-    (B, K)) passes through too, the per-row ids doubled for the null rows.
+    (B, K)) passes through too, the per-row ids doubled for the null rows; so does `kv` (reused keys / values,
+    sgdd.models.decoder.KVState: its cache holds 2B rows, its positions are doubled).
     """
     scale = float(scale)
 
@@ -95,7 +98,7 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
         unconditional.passes = 1
         return unconditional
 
-    def cfg(x_t, t, z, uncond=None, select=None, sc=None, return_features=False, shortlist=None):
+    def cfg(x_t, t, z, uncond=None, select=None, sc=None, return_features=False, shortlist=None, kv=None):
         B = x_t.shape[0]
         cond_rows = uncond if uncond is not None else torch.zeros(B, dtype=torch.bool, device=x_t.device)
         null_rows = torch.ones(B, dtype=torch.bool, device=x_t.device)
@@ -103,10 +106,15 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
         sc_kw = {} if sc is None and not return_features else {"sc": sc, "return_features": return_features}
         if shortlist is not None:  # (shared ids, per-row ids): the null rows use their conditional row's ids
             sc_kw["shortlist"] = (shortlist[0], _twice(shortlist[1]))
+        if kv is not None:  # reused keys / values: kv.cache holds 2B rows (conditional first), as sc does
+            inner = KVState(kv.cache, _twice(kv.positions))
+            sc_kw["kv"] = inner
         out = model(  # (2B, L, V) or (2N, V): the conditional rows first, the null rows second
             _twice(x_t), _twice(t), _twice(z), uncond=torch.cat([cond_rows, null_rows]), select=_twice(select),
             **sc_kw,
         )
+        if kv is not None:
+            kv.cache = inner.cache
         feats = None
         if return_features:
             out, feats = out
