@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/fiction_minilm.yaml"
 
 
+def bench_env() -> dict[str, str]:
+    """The environment for the bench scripts: the test process's own, without the SGDD_MALLOPT=0 conftest sets
+    (the scripts report whether they tuned the allocator, and the tests check it)."""
+    return {k: v for k, v in os.environ.items() if k != "SGDD_MALLOPT"}
+
+
 def _load_speed_module():
     spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
     module = importlib.util.module_from_spec(spec)
@@ -85,7 +91,7 @@ def test_speed_quick_runs_every_part(tiny_corpus, tmp_path):
     ]
     for o in tiny_overrides(tiny_corpus, tmp_path):
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=bench_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "training" in proc.stdout and "embedding cache" in proc.stdout
 
@@ -262,7 +268,7 @@ def test_quality_smoke(tiny_corpus, tmp_path):
         "training.num_eval_batches=1",
         "training.log_every=5",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=bench_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     text = results.read_text()
     assert "## Quality (bench/quality.py)" in text
@@ -283,7 +289,7 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--config", CONFIG, "--checkpoint", str(latest),
            "--num-valid", "8", "--rerank", "1", "--run-name", "bench_smoke_test_ckpt", "--results", str(results),
            *tiny_overrides(tiny_corpus, tmp_path), "sampling.repeat_penalty=2.5"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=bench_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [ln for ln in results.read_text().splitlines() if ln.startswith("| 20")]
     assert len(rows) == 2 and f"checkpoint {latest} (step {out['steps']}), not retrained" in rows[1]
@@ -297,7 +303,7 @@ def test_decode_grid_smoke(tiny_checkpoint, tmp_path):
     data = tmp_path / "s.txt"
     data.write_text("The cat sat on the mat.\nIt rained all day.\nShe laughed.\n", encoding="utf-8")
     out = tmp_path / "grid.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**bench_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     base = [sys.executable, str(ROOT / "bench" / "decode_grid.py"), "--checkpoint", str(tiny_checkpoint),
             "--data", str(data), "--start", "1", "--end", "3"]
     grid = '[{"steps": 2}, {"steps": 3, "cfg_scale": 1.0, "repeat_penalty": 2.0}]'

@@ -170,15 +170,9 @@ def test_kv_refresh_settings_are_validated():
     cfg.sampling.kv_refresh = -1
     with pytest.raises(ConfigError, match="sampling.kv_refresh must be >= 0"):
         validate_config(cfg)
-    for field, value in (("self_condition", True), ("prefix_tokens", 4), ("positions", "both"), ("z_positions", True)):
-        cfg = Config()
-        cfg.sampling.kv_refresh = 4
-        setattr(cfg.model, field, value)
-        with pytest.raises(ConfigError, match="kv_refresh supports"):
-            validate_config(cfg)
     cfg = Config()
-    cfg.sampling.kv_refresh = 4
-    validate_config(cfg)  # the default decoder is supported
+    cfg.sampling.kv_refresh, cfg.model.prefix_tokens = 4, 2
+    validate_config(cfg)  # a one-line model swap stays valid: such decoders decode without reuse (a warning)
 
 
 def test_self_condition_settings_are_validated():

@@ -648,3 +648,21 @@ def test_kv_refresh_reuses_keys_and_values_of_unchanged_positions(scale):
     assert partial and max(partial) < 9  # the other calls ran fewer positions than the row
     assert (reused != MASK).all()
     assert (reused[torch.arange(9)[None].expand(3, -1) >= lengths[:, None]] == PAD).all()
+
+
+def test_kv_refresh_falls_back_with_a_warning_for_decoders_that_cannot_reuse(caplog):
+    from sgdd.config import ModelConfig
+    from sgdd.diffusion import build_process
+    from sgdd.models import Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder(ModelConfig(init_from="scratch", num_layers=1, hidden_size=32, num_heads=4, latent_dim=2,
+                              prefix_tokens=2), V, 16).eval()
+    assert not dec.supports_kv
+    process = build_process(make_cfg())
+    z, lengths = torch.randn(2, 2), torch.tensor([5, 3])
+    plain = MaskGITSampler(make_cfg(steps=4)).sample(dec, process, z, lengths, 1.5)
+    with caplog.at_level("WARNING", logger="sgdd"):
+        reused = MaskGITSampler(make_cfg(steps=4, kv_refresh=2)).sample(dec, process, z, lengths, 1.5)
+    assert torch.equal(reused, plain)
+    assert "cannot reuse keys / values" in caplog.text

@@ -191,7 +191,8 @@ class SamplingConfig:
     shortlist_frequent: int = 2048
     # MaskGIT: reuse keys / values across steps (approximate). 0 = off: every step runs every position. r > 0:
     # steps 1, 1 + r, 1 + 2r, ... run every position; the others run only the masked positions and those whose
-    # token changed since they last ran, attending to the stored keys / values of the rest (PAD tail included)
+    # token changed since they last ran, attending to the stored keys / values of the rest (PAD tail included).
+    # Decoders with prefix tokens, RoPE, self-conditioning or z_positions decode without reuse (a warning)
     kv_refresh: int = 0
     rerank: int = 1  # best-of-K by re-embedding cosine; 1 = off
     # encoder-guided refinement (sgdd.sampling.refine): rounds of "re-mask a fraction of the hypothesis, refill
@@ -458,10 +459,6 @@ def validate_config(cfg: Config, where: str = "config") -> None:
     if cfg.sampling.kv_refresh < 0:
         raise ConfigError(f"{where}: sampling.kv_refresh must be >= 0 (0 = off; r = a full pass every r steps), got "
                           f"{cfg.sampling.kv_refresh}")
-    if cfg.sampling.kv_refresh > 0 and (cfg.model.self_condition or cfg.model.prefix_tokens > 0
-                                         or cfg.model.positions != "learned" or cfg.model.z_positions):
-        raise ConfigError(f"{where}: sampling.kv_refresh supports decoders with learned positions and without "
-                          "prefix tokens, self-conditioning or z_positions; set sampling.kv_refresh: 0")
     if cfg.sampling.refine < 0:
         raise ConfigError(f"{where}: sampling.refine must be >= 0 (rounds; 0 = off), got {cfg.sampling.refine}")
     if not 0.0 < cfg.sampling.refine_mask <= 1.0:

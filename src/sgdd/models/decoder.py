@@ -382,10 +382,16 @@ class Decoder(nn.Module):
         logits = self._add_prior(logits, z_eff, x_t, select, columns, target)
         return logits if feats is None else (logits, feats)
 
+    @property
+    def supports_kv(self) -> bool:
+        """Whether forward(kv=...) can run this decoder: learned positions only, no prefix tokens, no
+        self-conditioning, no z_positions (their inputs are not per-position token embeddings)."""
+        return not (self.num_prefix or self.pos_emb is None or self.rope_cos is not None or self.sc_proj is not None
+                    or self.z_pos is not None)
+
     def _hidden_kv(self, x_t, t, z, uncond, kv: KVState):
         """_hidden with reused keys / values (see forward): (h (B, L, D) zero outside kv.positions, c, z')."""
-        if (self.num_prefix or self.pos_emb is None or self.rope_cos is not None or self.sc_proj is not None
-                or self.z_pos is not None):
+        if not self.supports_kv:
             raise ConfigError("sampling.kv_refresh supports decoders with learned positions and without prefix tokens, "
                               "self-conditioning or z_positions; set sampling.kv_refresh: 0")
         B, L = x_t.shape

@@ -50,6 +50,12 @@ Self-conditioned models (model.self_condition): every call also returns the outp
 kept per row (and per guidance pass) and handed back as the next call's estimate; the first call has none.
 An idle row's estimate is not refreshed while it skips, so with self-conditioning skipping is a (small)
 approximation: running the row would have updated its estimate, though not its tokens.
+Key / value reuse (sampling.kv_refresh = R > 0): steps 1, 1 + R, ... run every position of the active rows and
+keep each block's keys and values (per guidance pass); the other steps run only the masked positions and those
+whose id changed since their entry was computed, attending to the kept entries of the rest (PAD tail included),
+and update the kept entries where they ran (Decoder.forward(kv=KVState)). Approximate: kept entries come from an
+earlier state and time input. Measured in bench/RESULTS.md ("Ninth round"). Decoders that cannot (prefix tokens,
+RoPE, self-conditioning, z_positions: Decoder.supports_kv) decode without reuse, with a warning.
 Row-wise work on the (N, V) logits runs in cache-sized slices of rows (guidance.row_slices): on this CPU a
 whole-tensor pass at V = 20k costs 2-3x more, mostly page faults on fresh buffers.
 """
@@ -417,6 +423,12 @@ class MaskGITSampler(Sampler):
         # ids each position had when its entry was computed (-1: never)
         kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         kv_ids = torch.full((B, L), -1, dtype=torch.long, device=device)
+        reuse_kv = s.kv_refresh > 0 and not self_cond
+        if reuse_kv and not getattr(model, "supports_kv", False):
+            log.warning("sampling.kv_refresh: this decoder (prefix tokens, RoPE, self-conditioning or z_positions) "
+                        "cannot reuse keys / values; decoding without reuse. Set sampling.kv_refresh: 0 to silence "
+                        "this.")
+            reuse_kv = False
 
         for k in range(1, K + 1):
             mask = x == mask_id  # (B, L)
@@ -453,7 +465,7 @@ class MaskGITSampler(Sampler):
                 if state is None:
                     state = feats.new_zeros((passes, B, L, feats.shape[-1]))
                 state[:, rows] = feats.view(passes, b, L, -1)
-            elif s.kv_refresh > 0:
+            elif reuse_kv:
                 kv_cache, logits = self._kv_step(step_model, process, x_in, mask_ratio[rows], z[rows], mask_in,
                                                  extra, kv_cache, kv_ids, rows, B, passes, k)
             else:
