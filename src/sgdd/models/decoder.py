@@ -276,17 +276,22 @@ class Decoder(nn.Module):
         h, c, _ = self._hidden(x_t, t, z, uncond, sc)
         return self.final.features(h, c)
 
-    def _hidden(
-        self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None,
-        sc: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _condition_rows(self, x_t, t, z, uncond) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check x_t's length, broadcast a scalar t to its rows: (c (B, D), z' (B, Dz)) as `condition`."""
         B, L = x_t.shape
         if L > self.max_length:
             raise ValueError(f"sequence length {L} exceeds the decoder's max_length {self.max_length}")
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
         if t.dim() == 0:
             t = t.expand(B)
-        c, z = self.condition(t, z, uncond)
+        return self.condition(t, z, uncond)
+
+    def _hidden(
+        self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None,
+        sc: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L = x_t.shape
+        c, z = self._condition_rows(x_t, t, z, uncond)
         h = self.tok_emb(x_t)  # (B, L, D)
         if self.pos_emb is not None:
             h = h + self.pos_emb[:L]
@@ -395,12 +400,7 @@ class Decoder(nn.Module):
             raise ConfigError("sampling.kv_refresh supports decoders with learned positions and without prefix tokens, "
                               "self-conditioning or z_positions; set sampling.kv_refresh: 0")
         B, L = x_t.shape
-        if L > self.max_length:
-            raise ValueError(f"sequence length {L} exceeds the decoder's max_length {self.max_length}")
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
-        if t.dim() == 0:
-            t = t.expand(B)
-        c, z = self.condition(t, z, uncond)
+        c, z = self._condition_rows(x_t, t, z, uncond)
         idx = None if kv.cache is None else kv.positions
         if idx is None:
             h = self.tok_emb(x_t) + self.pos_emb[:L]
