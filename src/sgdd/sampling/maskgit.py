@@ -299,6 +299,44 @@ def choose_tokens(
     return ids, logconf
 
 
+class KVReuse:
+    """Per-decode state of sampling.kv_refresh: each block's (keys, values) for all passes x B rows, and the id
+    each position had when its entry was computed (-1: never)."""
+
+    def __init__(self, refresh: int, B: int, L: int, passes: int, device: torch.device | str):
+        self.refresh, self.B, self.passes = refresh, B, passes
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.ids = torch.full((B, L), -1, dtype=torch.long, device=device)
+
+    def logits(self, step_model, process, k: int, rows, x_in, mask_in, mask_ratio, z, extra: dict) -> torch.Tensor:
+        """One model call at step k for the active `rows` (x_in = x[rows]): a full pass at steps 1, 1 + refresh,
+        ..., else only the masked positions and those whose id changed since their entry was computed; updates
+        the cache and ids. Returns clean_logits' (N, V) / (N, C) at mask_in."""
+        b, L = x_in.shape
+        B, passes = self.B, self.passes
+        full_rows = torch.arange(B, device=x_in.device)[rows]  # (b,) the rows' indices among B
+        pass_rows = torch.cat([full_rows + p * B for p in range(passes)])  # (passes * b,)
+        stale = (x_in != self.ids[rows]) | mask_in  # (b, L)
+        if self.cache is None or (k - 1) % self.refresh == 0 or bool(stale.all()):
+            state = KVState()
+        else:
+            count = stale.sum(dim=1)  # (b,)
+            r = int(count.max())
+            order = torch.sort((~stale).to(torch.int8), dim=1, stable=True).indices[:, :r]  # stale positions first
+            fill = torch.arange(r, device=x_in.device)[None, :] < count[:, None]
+            positions = torch.where(fill, order, order[:, :1])  # (b, r) padded with a repeat of a stale position
+            state = KVState([(kc[pass_rows], vc[pass_rows]) for kc, vc in self.cache], positions)
+        logits = process.clean_logits(step_model, x_in, mask_ratio, z, select=mask_in, kv=state, **extra)
+        if self.cache is None:
+            self.cache = [(kc.new_zeros((passes * B,) + kc.shape[1:]), vc.new_zeros((passes * B,) + vc.shape[1:]))
+                          for kc, vc in state.cache]
+        for (kc, vc), (kn, vn) in zip(self.cache, state.cache, strict=True):
+            kc[pass_rows] = kn
+            vc[pass_rows] = vn
+        self.ids[rows] = x_in
+        return logits
+
+
 @SAMPLERS.register("maskgit")
 class MaskGITSampler(Sampler):
     """Confidence-based parallel decoding (MaskGIT) with a cosine schedule; see the module docstring."""
@@ -341,34 +379,6 @@ class MaskGITSampler(Sampler):
         if self._exempt.device != torch.device(device):
             self._exempt = self._exempt.to(device)  # one copy per device, not one per step
         return self._exempt
-
-    def _kv_step(self, step_model, process, x_in, mask_ratio, z, mask_in, extra, kv_cache, kv_ids, rows, B, passes,
-                 k):
-        """One model call with reused keys / values (sampling.kv_refresh): a full pass at steps 1, 1 + r, ...,
-        else only the masked positions and those whose id changed since their entry was computed. Updates
-        kv_ids in place; returns (the cache for all passes x B rows, logits)."""
-        b, L = x_in.shape
-        full_rows = torch.arange(B, device=x_in.device)[rows]  # (b,) the rows' indices among B
-        pass_rows = torch.cat([full_rows + p * B for p in range(passes)])  # (passes * b,)
-        stale = (x_in != kv_ids[rows]) | mask_in  # (b, L)
-        if kv_cache is None or (k - 1) % self.cfg.sampling.kv_refresh == 0 or bool(stale.all()):
-            state = KVState()
-        else:
-            count = stale.sum(dim=1)  # (b,)
-            r = int(count.max())
-            order = torch.sort((~stale).to(torch.int8), dim=1, stable=True).indices[:, :r]  # stale positions first
-            fill = torch.arange(r, device=x_in.device)[None, :] < count[:, None]
-            positions = torch.where(fill, order, order[:, :1])  # (b, r) padded with a repeat of a stale position
-            state = KVState([(kc[pass_rows], vc[pass_rows]) for kc, vc in kv_cache], positions)
-        logits = process.clean_logits(step_model, x_in, mask_ratio, z, select=mask_in, kv=state, **extra)
-        if kv_cache is None:
-            kv_cache = [(kc.new_zeros((passes * B,) + kc.shape[1:]), vc.new_zeros((passes * B,) + vc.shape[1:]))
-                        for kc, vc in state.cache]
-        for (kc, vc), (kn, vn) in zip(kv_cache, state.cache, strict=True):
-            kc[pass_rows] = kn
-            vc[pass_rows] = vn
-        kv_ids[rows] = x_in
-        return kv_cache, logits
 
     @torch.inference_mode()
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None, init=None):
@@ -419,16 +429,13 @@ class MaskGITSampler(Sampler):
             column_of = torch.full((B, V), -1, dtype=torch.long, device=device)
             column_of.scatter_(1, cand, torch.arange(cand.shape[1], device=device).expand(B, -1).contiguous())
         n = valid.sum(dim=1)  # (B,) positions to decode per row
-        # reused keys / values (sampling.kv_refresh): per block (keys, values) for all passes x B rows, and the
-        # ids each position had when its entry was computed (-1: never)
-        kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        kv_ids = torch.full((B, L), -1, dtype=torch.long, device=device)
         reuse_kv = s.kv_refresh > 0 and not self_cond
         if reuse_kv and not getattr(model, "supports_kv", False):
             log.warning("sampling.kv_refresh: this decoder (prefix tokens, RoPE, self-conditioning or z_positions) "
                         "cannot reuse keys / values; decoding without reuse. Set sampling.kv_refresh: 0 to silence "
                         "this.")
             reuse_kv = False
+        kv = KVReuse(s.kv_refresh, B, L, passes, device) if reuse_kv else None
 
         for k in range(1, K + 1):
             mask = x == mask_id  # (B, L)
@@ -465,9 +472,8 @@ class MaskGITSampler(Sampler):
                 if state is None:
                     state = feats.new_zeros((passes, B, L, feats.shape[-1]))
                 state[:, rows] = feats.view(passes, b, L, -1)
-            elif reuse_kv:
-                kv_cache, logits = self._kv_step(step_model, process, x_in, mask_ratio[rows], z[rows], mask_in,
-                                                 extra, kv_cache, kv_ids, rows, B, passes, k)
+            elif kv is not None:
+                logits = kv.logits(step_model, process, k, rows, x_in, mask_in, mask_ratio[rows], z[rows], extra)
             else:
                 logits = process.clean_logits(  # (N, V), N = mask.sum() (active rows only); (N, C) shortlisted
                     step_model, x_in, mask_ratio[rows], z[rows], select=mask_in, **extra
