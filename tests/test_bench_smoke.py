@@ -317,3 +317,23 @@ def test_decode_grid_smoke(tiny_checkpoint, tmp_path):
     bad = subprocess.run([*base, "--grid", "{steps: 2}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env=env)
     assert bad.returncode == 2 and "--grid is not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_train_batches_are_representative_of_the_epochs_lengths():
+    """speed.py times training on a few batches; they sit at evenly spaced length quantiles, so their mean padded
+    length is the epoch's (the first batches of an epoch are a random, often short, sample)."""
+    import numpy as np
+
+    from sgdd.data import LengthBucketSampler
+
+    speed = _load_speed_module()
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.gamma(2.0, 12.0, size=20_000).astype(int), 1, 63)
+    tokens = [[5] * int(n) for n in lengths]
+    bucket = LengthBucketSampler(list(lengths), batch_size=64, seed=0, bucket=True)
+    epoch_mean = np.mean([max(lengths[i] for i in idx) for idx in bucket.batches(0)])
+    chosen = speed.representative_batches(bucket, tokens, 6)
+    assert len(chosen) == 6 and all(len(idx) == 64 for idx in chosen)
+    padded = [max(lengths[i] for i in idx) for idx in chosen]
+    assert padded == sorted(padded) and padded[0] < padded[-1]  # spread over the quantiles, short to long
+    assert abs(np.mean(padded) - epoch_mean) < 0.1 * epoch_mean
