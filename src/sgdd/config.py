@@ -100,7 +100,8 @@ class DataConfig:
     # training batches pad to (longest in batch + 1 + U{0..pad_slack}) positions, capped at max_length, so the
     # model learns to fill any spare positions after the end token with PAD. The slack's masked PADs also teach
     # it that an all-[MASK] row ends in PADs: with 12 the 12-minute fiction models ended sentences early (length
-    # ratio 0.53-0.76), with 4 they did not (1.02-1.06, BLEU +1.4; configs/fiction_minilm.yaml uses 4)
+    # ratio 0.53-0.76), with 4 they did not (1.02-1.06, BLEU +1.4), but the 60-minute model with 4 wrote 8 % too
+    # long and lost BLEU at the fiction config's decoding (bench/RESULTS.md "Tenth round")
     pad_slack: int = 12
     bucket_by_length: bool = True
 
