@@ -650,18 +650,21 @@ def test_kv_refresh_reuses_keys_and_values_of_unchanged_positions(scale):
     assert (reused[torch.arange(9)[None].expand(3, -1) >= lengths[:, None]] == PAD).all()
 
 
-def test_kv_refresh_falls_back_with_a_warning_for_decoders_that_cannot_reuse(caplog):
+@pytest.mark.parametrize("field", ["prefix_tokens", "self_condition"])
+def test_kv_refresh_falls_back_with_a_warning_for_decoders_that_cannot_reuse(caplog, field):
     from sgdd.config import ModelConfig
     from sgdd.diffusion import build_process
     from sgdd.models import Decoder
 
     torch.manual_seed(0)
-    dec = Decoder(ModelConfig(init_from="scratch", num_layers=1, hidden_size=32, num_heads=4, latent_dim=2,
-                              prefix_tokens=2), V, 16).eval()
+    mc = ModelConfig(init_from="scratch", num_layers=1, hidden_size=32, num_heads=4, latent_dim=2,
+                     **({"prefix_tokens": 2} if field == "prefix_tokens" else {"self_condition": True}))
+    dec = Decoder(mc, V, 16).eval()
     assert not dec.supports_kv
     process = build_process(make_cfg())
     z, lengths = torch.randn(2, 2), torch.tensor([5, 3])
     plain = MaskGITSampler(make_cfg(steps=4)).sample(dec, process, z, lengths, 1.5)
+    caplog.clear()
     with caplog.at_level("WARNING", logger="sgdd"):
         reused = MaskGITSampler(make_cfg(steps=4, kv_refresh=2)).sample(dec, process, z, lengths, 1.5)
     assert torch.equal(reused, plain)

@@ -429,7 +429,7 @@ class MaskGITSampler(Sampler):
             column_of = torch.full((B, V), -1, dtype=torch.long, device=device)
             column_of.scatter_(1, cand, torch.arange(cand.shape[1], device=device).expand(B, -1).contiguous())
         n = valid.sum(dim=1)  # (B,) positions to decode per row
-        reuse_kv = s.kv_refresh > 0 and not self_cond
+        reuse_kv = s.kv_refresh > 0
         if reuse_kv and not getattr(model, "supports_kv", False):
             log.warning("sampling.kv_refresh: this decoder (prefix tokens, RoPE, self-conditioning or z_positions) "
                         "cannot reuse keys / values; decoding without reuse. Set sampling.kv_refresh: 0 to silence "
