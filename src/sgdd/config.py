@@ -274,7 +274,13 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+            hint = ""
+            if isinstance(value, bool):  # YAML 1.1: unquoted on/off/yes/no/true/false are booleans
+                hint = (" (YAML reads unquoted on / off / yes / no as true / false: quote the value, "
+                        f"{key.rsplit('.', 1)[-1]}: 'off' in a file, {key}=\"'off'\" on the command line)")
+            if key in _CHOICES:
+                hint += f"; one of: {', '.join(_CHOICES[key])}"
+            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}{hint}")
         return value
     raise ConfigError(f"{where}: '{key}' has unsupported type {tp}")
 
