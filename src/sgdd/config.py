@@ -276,7 +276,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, str):
             hint = ""
             if isinstance(value, bool):  # YAML 1.1: unquoted on/off/yes/no/true/false are booleans
-                hint = (" (YAML reads unquoted on / off / yes / no as true / false: quote the value, "
+                hint = (" (YAML reads unquoted on / off / yes / no as true / false: quote the value, e.g. "
                         f"{key.rsplit('.', 1)[-1]}: 'off' in a file, {key}=\"'off'\" on the command line)")
             if key in _CHOICES:
                 hint += f"; one of: {', '.join(_CHOICES[key])}"
