@@ -83,12 +83,12 @@ def test_bad_choice_lists_choices():
 def test_yaml_boolean_for_a_string_says_to_quote_it(tmp_path):
     # `mode: off` is a boolean in YAML 1.1; the error must say so, how to quote it, and the valid choices
     with pytest.raises(ConfigError, match=r"got False \(YAML reads unquoted .*tracking.mode=\"'off'\".*one of: auto"):
-        load_config("configs/quickstart.yaml", ["tracking.mode=off"])
+        load_config(ROOT / "configs/quickstart.yaml", ["tracking.mode=off"])
     bad = tmp_path / "c.yaml"
     bad.write_text("training:\n  run_name: yes\n")
     with pytest.raises(ConfigError, match=r"'training.run_name' must be a string, got True \(YAML reads unquoted"):
         load_config(str(bad))
-    assert load_config("configs/quickstart.yaml", ["training.run_name='off'"]).training.run_name == "off"
+    assert load_config(ROOT / "configs/quickstart.yaml", ["training.run_name='off'"]).training.run_name == "off"
 
 
 def test_roundtrip_through_yaml(tmp_path):
