@@ -1,5 +1,7 @@
 """MaskGIT sampler with a fake model and a fake process (no dependency on the real decoder)."""
 
+import math
+
 import pytest
 import torch
 
@@ -669,3 +671,116 @@ def test_kv_refresh_falls_back_with_a_warning_for_decoders_that_cannot_reuse(cap
         reused = MaskGITSampler(make_cfg(steps=4, kv_refresh=2)).sample(dec, process, z, lengths, 1.5)
     assert torch.equal(reused, plain)
     assert "cannot reuse keys / values" in caplog.text
+
+
+# null-pass reuse (sampling.guidance_refresh)
+
+
+def _perturbed_decoder(layers=2):
+    from sgdd.config import ModelConfig
+    from sgdd.models import Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder(ModelConfig(init_from="scratch", num_layers=layers, hidden_size=32, num_heads=4, latent_dim=2),
+                  V, 16)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return dec.eval()
+
+
+def _count_null_calls(dec):
+    """Wrap dec.forward to record, per call, whether every row was unconditional (a null pass on its own)."""
+    calls = []
+    forward = dec.forward
+
+    def recording(x_t, t, z, uncond=None, **kw):
+        calls.append(bool(uncond is not None and uncond.all()))
+        return forward(x_t, t, z, uncond=uncond, **kw)
+
+    dec.forward = recording
+    return calls
+
+
+def test_guidance_refresh_1_decodes_exactly_as_guidance_at_every_step():
+    from sgdd.diffusion import build_process
+
+    dec = _perturbed_decoder()
+    process = build_process(make_cfg())
+    lengths = torch.tensor([9, 6, 3])
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    for extra in ({}, {"kv_refresh": 2}):
+        exact = MaskGITSampler(make_cfg(steps=6, **extra)).sample(dec, process, z, lengths, 1.5)
+        every = MaskGITSampler(make_cfg(steps=6, guidance_refresh=1, **extra)).sample(dec, process, z, lengths, 1.5)
+        assert torch.equal(every, exact), extra
+
+
+def test_guidance_refresh_runs_the_null_pass_only_at_refresh_steps():
+    from sgdd.diffusion import build_process
+
+    dec = _perturbed_decoder()
+    calls = _count_null_calls(dec)
+    process = build_process(make_cfg())
+    lengths = torch.tensor([9, 7, 8])
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    out = MaskGITSampler(make_cfg(steps=6, guidance_refresh=3)).sample(dec, process, z, lengths, 2.0)
+    # every row commits at every step (lengths >= steps): 6 conditional calls + null passes at steps 1 and 4
+    assert calls.count(True) == 2 and calls.count(False) == 6
+    assert (out != MASK).all()
+    assert (out[torch.arange(9)[None].expand(3, -1) >= lengths[:, None]] == PAD).all()
+    # at scale 1 there is no null pass at all, with or without the option
+    calls.clear()
+    MaskGITSampler(make_cfg(steps=6, guidance_refresh=3)).sample(dec, process, z, lengths, 1.0)
+    assert calls.count(True) == 0 and len(calls) == 6
+
+
+def test_null_reuse_guides_with_the_kept_null_logits_of_each_position():
+    from sgdd.sampling.maskgit import NullReuse
+
+    B, L, C = 2, 4, 5
+    reuse = NullReuse(refresh=3, scale=2.0, B=B, L=L, device="cpu")
+    x = torch.full((B, L), MASK)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    x[~mask] = 7
+    null1 = torch.arange(5 * C, dtype=torch.float32).view(5, C)
+    cond1 = torch.ones(5, C)
+    out1 = reuse.guide(1, cond1.clone(), lambda: null1, x, mask, MASK, forbid=None)
+    assert torch.allclose(out1, null1 + 2.0 * (cond1 - null1)) and reuse.null_passes == 1
+    # step 2: position (0, 1) was committed, row 1 is idle; only (0, 0) and (0, 2) run
+    x[0, 1] = 9
+    mask2 = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    cond2 = torch.full((2, C), -1.0)
+
+    def must_not_run():
+        raise AssertionError("the null pass ran at a reuse step")
+
+    out2 = reuse.guide(2, cond2.clone(), must_not_run, x, mask2, MASK, forbid=None)
+    kept = null1[[0, 2]]  # the rows of (0, 0) and (0, 2) at step 1
+    assert torch.allclose(out2, kept + 2.0 * (cond2 - kept))
+    # step 4 refreshes: row 0 runs, idle row 1 keeps its step-1 entries for a later step
+    x[0, 0] = 5
+    mask4 = torch.tensor([[False, False, True, False], [False, False, False, False]])
+    null4 = torch.full((1, C), 100.0)
+    reuse.guide(4, torch.zeros(1, C), lambda: null4, x, mask4, MASK, forbid=None)
+    assert reuse.null_passes == 2
+    mask5 = torch.tensor([[False, False, False, False], [True, True, False, False]])
+    out5 = reuse.guide(5, torch.zeros(2, C), must_not_run, x, mask5, MASK, forbid=None)
+    assert torch.allclose(out5, -null1[[3, 4]])  # null + 2 * (0 - null), row 1's step-1 entries
+    # a masked position with no kept entry (re-masked) makes the step run the null pass; forbid stays -inf
+    x[0, 1] = MASK
+    mask6 = torch.tensor([[False, True, True, False], [False, False, False, False]])
+    null6 = torch.zeros(2, C)
+    null6[:, 1] = -math.inf
+    cond6 = torch.zeros(2, C)
+    cond6[:, 1] = -math.inf
+    out6 = reuse.guide(6, cond6, lambda: null6, x, mask6, MASK, forbid=1)
+    assert reuse.null_passes == 3 and torch.isneginf(out6[:, 1]).all() and not out6.isnan().any()
+
+
+def test_guidance_refresh_is_validated():
+    from sgdd.config import validate_config
+
+    cfg = Config()
+    cfg.sampling.guidance_refresh = -1
+    with pytest.raises(ConfigError, match="guidance_refresh must be >= 0"):
+        validate_config(cfg)

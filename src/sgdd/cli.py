@@ -90,6 +90,9 @@ _DECODING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--kv-refresh", "kv_refresh", int,
      "MaskGIT: reuse keys / values of unchanged positions, a full pass every R steps (0 = off, exact); "
      "default: the checkpoint's"),
+    ("--guidance-refresh", "guidance_refresh", int,
+     "MaskGIT with guidance: run the null pass every G steps, reusing its logits in between (0 = every step, "
+     "exact); default: the checkpoint's"),
 )
 
 

@@ -197,6 +197,10 @@ class SamplingConfig:
     # token changed since they last ran, attending to the stored keys / values of the rest (PAD tail included).
     # Decoders with prefix tokens, RoPE, self-conditioning or z_positions decode without reuse (a warning)
     kv_refresh: int = 0
+    # MaskGIT with guidance: the null (unconditional) pass runs only at steps 1, 1 + g, 1 + 2g, ...; the other
+    # steps run the conditional pass alone and reuse each masked position's last null logits (approximate).
+    # 0 = off: both passes at every step
+    guidance_refresh: int = 0
     rerank: int = 1  # best-of-K by re-embedding cosine; 1 = off
     # encoder-guided refinement (sgdd.sampling.refine): rounds of "re-mask a fraction of the hypothesis, refill
     # refine_candidates variants with MaskGIT in refine_steps steps, keep the one closest to the input's vector";
@@ -468,6 +472,9 @@ def validate_config(cfg: Config, where: str = "config") -> None:
     if cfg.sampling.kv_refresh < 0:
         raise ConfigError(f"{where}: sampling.kv_refresh must be >= 0 (0 = off; r = a full pass every r steps), got "
                           f"{cfg.sampling.kv_refresh}")
+    if cfg.sampling.guidance_refresh < 0:
+        raise ConfigError(f"{where}: sampling.guidance_refresh must be >= 0 (0 = off; g = the null pass every g "
+                          f"steps), got {cfg.sampling.guidance_refresh}")
     if cfg.sampling.refine < 0:
         raise ConfigError(f"{where}: sampling.refine must be >= 0 (rounds; 0 = off), got {cfg.sampling.refine}")
     if not 0.0 < cfg.sampling.refine_mask <= 1.0:

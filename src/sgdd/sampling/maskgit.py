@@ -56,6 +56,12 @@ whose id changed since their entry was computed, attending to the kept entries o
 and update the kept entries where they ran (Decoder.forward(kv=KVState)). Approximate: kept entries come from an
 earlier state and time input. Measured in bench/RESULTS.md ("Ninth round"). Decoders that cannot (prefix tokens,
 RoPE, self-conditioning, z_positions: Decoder.supports_kv) decode without reuse, with a warning.
+Null-pass reuse (sampling.guidance_refresh = G > 0, with guidance, cfg_scale not 0 or 1): the null
+(unconditional) pass of classifier-free guidance runs only at steps 1, 1 + G, ...; there it is kept for every
+masked position (NullReuse). The other steps run the conditional pass alone and guide it with each masked
+position's kept null logits: null_then + s * (cond_now - null_then). Approximate: the kept null logits saw an
+earlier, more masked state. A masked position with no kept entry (re-masked by sampling.remask, or decoding
+from `init`) makes that step run the null pass. Self-conditioned models decode exactly (a warning).
 Row-wise work on the (N, V) logits runs in cache-sized slices of rows (guidance.row_slices): on this CPU a
 whole-tensor pass at V = 20k costs 2-3x more, mostly page faults on fresh buffers.
 """
@@ -337,6 +343,42 @@ class KVReuse:
         return logits
 
 
+class NullReuse:
+    """Per-decode state of sampling.guidance_refresh: the null pass's logits of every position that was masked
+    when it last ran (`store` (M, C) float32, row `index[b, l]` for position (b, l); -1 = none kept)."""
+
+    def __init__(self, refresh: int, scale: float, B: int, L: int, device: torch.device | str):
+        self.refresh, self.scale = refresh, float(scale)
+        self.index = torch.full((B, L), -1, dtype=torch.long, device=device)
+        self.store: torch.Tensor | None = None
+        self.null_passes = 0  # steps that ran the null pass (tests, benchmarks)
+
+    def guide(self, k: int, cond: torch.Tensor, null_fn, x: torch.Tensor, mask: torch.Tensor, mask_id: int,
+              forbid: int | None) -> torch.Tensor:
+        """Guided logits (N, C) from the conditional ones `cond` (N, C) at the positions of `mask` (B, L) (the
+        active rows' masked positions, row-major). `null_fn()` runs the null pass on the same positions; it is
+        called at refresh steps and whenever a position has no kept entry. `forbid`: a column both passes set to
+        -inf (MASK), set to -inf again after the combination (-inf - -inf is undefined)."""
+        at = self.index[mask]  # (N,) kept rows, -1 = none
+        if (k - 1) % self.refresh == 0 or self.store is None or bool((at < 0).any()):
+            null = null_fn().float()  # (N, C)
+            idle = (x == mask_id) & ~mask  # masked positions of rows that did not run: keep their entries
+            kept = self.index[idle]
+            keep = null[:0] if self.store is None else self.store[kept.clamp(min=0)]
+            self.store = torch.cat([keep, null])
+            self.index.fill_(-1)
+            self.index[idle] = torch.where(kept >= 0, torch.arange(kept.numel(), device=kept.device), -1)
+            self.index[mask] = keep.shape[0] + torch.arange(null.shape[0], device=null.device)
+            self.null_passes += 1
+        else:
+            null = self.store[at]
+        for rows in row_slices(cond.shape[0], max(1, cond.shape[-1]), cond.device):
+            torch.lerp(null[rows], cond[rows], self.scale, out=cond[rows])
+        if forbid is not None:
+            cond[:, forbid] = -math.inf
+        return cond
+
+
 @SAMPLERS.register("maskgit")
 class MaskGITSampler(Sampler):
     """Confidence-based parallel decoding (MaskGIT) with a cosine schedule; see the module docstring."""
@@ -364,6 +406,8 @@ class MaskGITSampler(Sampler):
             raise ConfigError(f"sampling.repeat_penalty must be >= 0 (0 = off), got {s.repeat_penalty}")
         if s.repeat_exempt < 0:
             raise ConfigError(f"sampling.repeat_exempt must be >= 0, got {s.repeat_exempt}")
+        if s.guidance_refresh < 0:
+            raise ConfigError(f"sampling.guidance_refresh must be >= 0 (0 = off), got {s.guidance_refresh}")
         self._exempt: torch.Tensor | None = None
 
     def exempt(self, vocab_size: int, pad_id: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -435,6 +479,16 @@ class MaskGITSampler(Sampler):
                         "cannot reuse keys / values; decoding without reuse. Set sampling.kv_refresh: 0 to silence "
                         "this.")
             reuse_kv = False
+        # null-pass reuse: the conditional pass runs alone (one pass) and NullReuse guides it
+        reuse_null = s.guidance_refresh > 0 and passes == 2
+        if reuse_null and self_cond:
+            log.warning("sampling.guidance_refresh: a self-conditioned decoder runs the null pass at every step; "
+                        "set sampling.guidance_refresh: 0 to silence this.")
+            reuse_null = False
+        nulls = None
+        if reuse_null:
+            nulls = NullReuse(s.guidance_refresh, cfg_scale, B, L, device)
+            step_model, null_model, passes = guided(model, 1.0), guided(model, 0.0), 1
         kv = KVReuse(s.kv_refresh, B, L, passes, device) if reuse_kv else None
 
         for k in range(1, K + 1):
@@ -478,6 +532,12 @@ class MaskGITSampler(Sampler):
                 logits = process.clean_logits(  # (N, V), N = mask.sum() (active rows only); (N, C) shortlisted
                     step_model, x_in, mask_ratio[rows], z[rows], select=mask_in, **extra
                 )
+            if nulls is not None:
+                def null_fn(x_in=x_in, mask_in=mask_in, ratio=mask_ratio[rows], z_in=z[rows], extra=extra):
+                    return process.clean_logits(null_model, x_in, ratio, z_in, select=mask_in, **extra)
+
+                logits = nulls.guide(k, logits.float(), null_fn, x, mask, mask_id,
+                                     forbid=mask_id if cand is None else None)
             if s.repeat_penalty > 0:
                 exempt = self.exempt(V if cand is not None else logits.shape[-1], pad_id, x.device)
                 logits = penalize_repeats(logits, x_in, mask_in, exempt, s.repeat_penalty, mask_id,
