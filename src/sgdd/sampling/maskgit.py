@@ -149,7 +149,7 @@ def penalize_repeats(
     hit = ~exempt[seen] & (seen != mask_id)
     cols = seen
     if column_of is not None:
-        cols = column_of[rows].gather(1, seen)  # (N, L)
+        cols = column_of[rows[:, None], seen]  # (N, L), without materialising column_of[rows] (N, V)
         hit &= cols >= 0
         cols = cols.clamp(min=0)
     return logits.scatter_add_(1, cols, torch.where(hit, -float(penalty), 0.0).to(logits.dtype))
