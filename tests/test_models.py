@@ -462,6 +462,21 @@ def test_shortlist_logits_are_the_full_logits_at_the_shared_and_row_ids(tied):
     assert torch.allclose(short, full.gather(1, cols), atol=1e-5)
     with pytest.raises(ValueError, match="shortlist needs select"):
         dec(x, t, z, shortlist=(shared, own))
+    # the prepared form (tables gathered once per decode) gives the same logits, for a row subset and stacked
+    # twice (guidance) too; under bf16 autocast its tables are stored in bf16, and the logits are unchanged
+    with torch.no_grad():
+        prepared = dec.prepare_shortlist(shared, own)
+        assert torch.equal(dec(x, t, z, select=select, shortlist=prepared), short)
+        sub = torch.tensor([2, 0])
+        assert torch.equal(dec(x[sub], t[sub], z[sub], select=select[sub], shortlist=prepared.rows(sub)),
+                           dec(x[sub], t[sub], z[sub], select=select[sub], shortlist=(shared, own[sub])))
+        two = prepared.twice()
+        assert two.per_row.shape == (6, 3) and torch.equal(two.w_own[3:], prepared.w_own)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            prepared16 = dec.prepare_shortlist(shared, own)
+            assert prepared16.w_own.dtype == torch.bfloat16 and prepared16.b_own.dtype == torch.float32
+            assert torch.equal(dec(x, t, z, select=select, shortlist=prepared16),
+                               dec(x, t, z, select=select, shortlist=(shared, own)))
 
 
 # ---------------------------------------------------------------------------------------------------------

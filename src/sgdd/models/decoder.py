@@ -89,6 +89,34 @@ class KVState:
     positions: torch.Tensor | None = None
 
 
+@dataclass
+class Shortlist:
+    """Shortlist decoding's ids, shared (F,) and per row (B, K), with the output table's rows at them gathered once
+    per decode (Decoder.prepare_shortlist) instead of at every step: w_shared (F, D), w_own (B, K, D) in the
+    compute dtype (autocast's, when it is on), b_shared (F,), b_own (B, K) as stored. Indexes like the
+    (shared, per_row) pair it replaces."""
+
+    shared: torch.Tensor
+    per_row: torch.Tensor
+    w_shared: torch.Tensor
+    b_shared: torch.Tensor
+    w_own: torch.Tensor
+    b_own: torch.Tensor
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return (self.shared, self.per_row)[i]
+
+    def rows(self, idx) -> Shortlist:
+        """The shortlist of rows `idx` (a slice or an index tensor)."""
+        return Shortlist(self.shared, self.per_row[idx], self.w_shared, self.b_shared, self.w_own[idx],
+                         self.b_own[idx])
+
+    def twice(self) -> Shortlist:
+        """The rows stacked on themselves (the guidance wrapper's null rows use their conditional row's ids)."""
+        return Shortlist(self.shared, torch.cat([self.per_row] * 2), self.w_shared, self.b_shared,
+                         torch.cat([self.w_own] * 2), torch.cat([self.b_own] * 2))
+
+
 class Decoder(nn.Module):
     def __init__(
         self,
@@ -416,15 +444,27 @@ class Decoder(nn.Module):
             h = h.new_zeros(B, L, h.shape[-1]).scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), h)
         return h, c, z
 
+    @torch.no_grad()
+    def prepare_shortlist(self, shared: torch.Tensor, per_row: torch.Tensor) -> Shortlist:
+        """A Shortlist of ids shared (F,) and per_row (B, K) with their output-table rows gathered now, cast to
+        autocast's dtype when autocast is on for the table's device (forward would cast them at every call)."""
+        weight, bias = self.final.output_table(self.tok_emb.weight if self.tie_embeddings else None)
+        kind = weight.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        return Shortlist(shared, per_row, weight[shared].to(dtype), bias[shared], weight[per_row].to(dtype),
+                         bias[per_row])
+
     def _shortlist_logits(self, feats, select, shortlist, embedding) -> torch.Tensor:
         """Output logits (N, F + K) at the selected positions over the shared and the row's own shortlist ids."""
-        shared, per_row = shortlist
-        weight, bias = self.final.output_table(embedding)
+        if isinstance(shortlist, Shortlist):
+            w_shared, b_shared, w_own, b_own = shortlist.w_shared, shortlist.b_shared, shortlist.w_own, shortlist.b_own
+        else:
+            shared, per_row = shortlist
+            weight, bias = self.final.output_table(embedding)
+            w_shared, b_shared, w_own, b_own = weight[shared], bias[shared], weight[per_row], bias[per_row]
         f = feats[select]  # (N, D)
-        head = F.linear(f, weight[shared], bias[shared])  # (N, F)
-        own = torch.bmm(feats, weight[per_row].transpose(1, 2))[select] + bias[per_row][  # (N, K)
-            select.nonzero()[:, 0]
-        ]
+        head = F.linear(f, w_shared, b_shared)  # (N, F)
+        own = torch.bmm(feats, w_own.transpose(1, 2))[select] + b_own[select.nonzero()[:, 0]]  # (N, K)
         return torch.cat([head, own.to(head.dtype)], dim=1)
 
     def _shortlist_prior(self, z_eff, x_t, select, shortlist) -> torch.Tensor:

@@ -424,7 +424,7 @@ class MaskGITSampler(Sampler):
             self._exempt = self._exempt.to(device)  # one copy per device, not one per step
         return self._exempt
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None, init=None):
         """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = slot_width(lengths); see Sampler.sample.
 
@@ -459,7 +459,7 @@ class MaskGITSampler(Sampler):
         self_cond = bool(getattr(model, "self_condition", False))
         passes = getattr(step_model, "passes", 1)
         state: torch.Tensor | None = None
-        shared = own = cand = column_of = None
+        shared = own = cand = column_of = prepared = None
         if s.shortlist > 0:
             if not hasattr(model, "bow_logits") or getattr(model, "bow_mlp", None) is None:
                 raise ConfigError("sampling.shortlist needs a model with a bag-of-words head; set sampling.shortlist: 0")
@@ -468,6 +468,8 @@ class MaskGITSampler(Sampler):
                             "holds only PAD / EOS and the bag-of-words ids")
             shared, own = shortlist_ids(model.bow_logits(z), self.token_counts, s.shortlist_frequent, s.shortlist,
                                         (pad_id, EOS_ID), mask_id)
+            # the output table's rows at the shortlist, gathered once for the whole decode
+            prepared = model.prepare_shortlist(shared, own) if hasattr(model, "prepare_shortlist") else None
             cand = torch.cat([shared[None, :].expand(B, -1), own], dim=1)  # (B, C) the id of every column
             V = int(model.vocab_size)
             column_of = torch.full((B, V), -1, dtype=torch.long, device=device)
@@ -515,7 +517,9 @@ class MaskGITSampler(Sampler):
             rows = slice(None) if bool(active.all()) else active.nonzero()[:, 0]  # a slice indexes without copying
             mask = mask & active[:, None]
             x_in, mask_in = x[rows], mask[rows]
-            extra = {} if cand is None else {"shortlist": (shared, own[rows])}
+            extra = {}
+            if cand is not None:
+                extra["shortlist"] = (shared, own[rows]) if prepared is None else prepared.rows(rows)
             if self_cond:
                 b = x_in.shape[0]
                 sc_in = None if state is None else state[:, rows].reshape(passes * b, L, -1)
