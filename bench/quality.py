@@ -27,6 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# this checkout's sources first: the environment's editable install may point at another checkout (a
+# benchmark run from a git worktree snapshot must time the snapshot's code, the commit its row records)
+sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import append_row, git_commit  # noqa: E402
 
