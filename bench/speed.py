@@ -90,6 +90,9 @@ class Sizes:
     sample_batches: tuple[int, ...] = (1, 64)
     sample_min_seconds: float = 3.0  # repeat a sampling setting until this much time has been measured
     sample_max_reps: int = 64
+    # untimed decodes of each sampling setting before its timing: the first decode after a change of setting
+    # runs ~10 % slower (fresh buffers of other shapes), which biased whichever setting was timed first
+    sample_warmup: int = 1
     e2e_batch: int = 64
     cache_sentences: int = 2000
 
@@ -106,6 +109,7 @@ QUICK = Sizes(
     sample_batches=(1, 4),
     sample_min_seconds=0.0,
     sample_max_reps=1,
+    sample_warmup=0,
     e2e_batch=4,
     cache_sentences=16,
 )
@@ -411,8 +415,11 @@ def sampler_config(cfg, name: str):
     return out
 
 
-def timed_rate(fn, items_per_call: int, min_seconds: float, max_reps: int) -> tuple[float, int]:
-    """Items per second over repeated calls fn(rep): at least one call, until min_seconds or max_reps."""
+def timed_rate(fn, items_per_call: int, min_seconds: float, max_reps: int, warmup: int = 0) -> tuple[float, int]:
+    """Items per second over repeated calls fn(rep): at least one call, until min_seconds or max_reps; `warmup`
+    untimed calls first (reps -1, -2, ...)."""
+    for i in range(warmup):
+        fn(-1 - i)
     spent, reps = 0.0, 0
     while reps < 1 or (spent < min_seconds and reps < max_reps):
         t0 = time.perf_counter()
@@ -492,7 +499,7 @@ def part_sample(args: argparse.Namespace, sizes: Sizes) -> dict:
                         decode(kcfg, sampler, process, start, B, scale, rep)
 
                     max_reps = sizes.sample_max_reps if B < 8 else max(1, sizes.sample_max_reps // 8)
-                    rate, reps = timed_rate(run, B, sizes.sample_min_seconds, max_reps)
+                    rate, reps = timed_rate(run, B, sizes.sample_min_seconds, max_reps, sizes.sample_warmup)
                     grid.append(
                         {
                             "sampler": name,
