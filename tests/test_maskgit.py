@@ -734,7 +734,7 @@ def test_guidance_refresh_runs_the_null_pass_only_at_refresh_steps():
     assert calls.count(True) == 0 and len(calls) == 6
 
 
-def test_null_reuse_guides_with_the_kept_null_logits_of_each_position():
+def test_null_reuse_adds_the_kept_guidance_direction_of_each_position():
     from sgdd.sampling.maskgit import NullReuse
 
     B, L, C = 2, 4, 5
@@ -745,7 +745,7 @@ def test_null_reuse_guides_with_the_kept_null_logits_of_each_position():
     null1 = torch.arange(5 * C, dtype=torch.float32).view(5, C)
     cond1 = torch.ones(5, C)
     out1 = reuse.guide(1, cond1.clone(), lambda: null1, x, mask, MASK, forbid=None)
-    assert torch.allclose(out1, null1 + 2.0 * (cond1 - null1)) and reuse.null_passes == 1
+    assert torch.allclose(out1, null1 + 2.0 * (cond1 - null1)) and reuse.null_passes == 1  # exact at refresh
     # step 2: position (0, 1) was committed, row 1 is idle; only (0, 0) and (0, 2) run
     x[0, 1] = 9
     mask2 = torch.tensor([[True, False, True, False], [False, False, False, False]])
@@ -755,8 +755,8 @@ def test_null_reuse_guides_with_the_kept_null_logits_of_each_position():
         raise AssertionError("the null pass ran at a reuse step")
 
     out2 = reuse.guide(2, cond2.clone(), must_not_run, x, mask2, MASK, forbid=None)
-    kept = null1[[0, 2]]  # the rows of (0, 0) and (0, 2) at step 1
-    assert torch.allclose(out2, kept + 2.0 * (cond2 - kept))
+    kept = (cond1 - null1)[[0, 2]]  # the directions of (0, 0) and (0, 2) at step 1
+    assert torch.allclose(out2, cond2 + (2.0 - 1.0) * kept)
     # step 4 refreshes: row 0 runs, idle row 1 keeps its step-1 entries for a later step
     x[0, 0] = 5
     mask4 = torch.tensor([[False, False, True, False], [False, False, False, False]])
@@ -765,7 +765,7 @@ def test_null_reuse_guides_with_the_kept_null_logits_of_each_position():
     assert reuse.null_passes == 2
     mask5 = torch.tensor([[False, False, False, False], [True, True, False, False]])
     out5 = reuse.guide(5, torch.zeros(2, C), must_not_run, x, mask5, MASK, forbid=None)
-    assert torch.allclose(out5, -null1[[3, 4]])  # null + 2 * (0 - null), row 1's step-1 entries
+    assert torch.allclose(out5, (cond1 - null1)[[3, 4]])  # 0 + (2 - 1) * row 1's step-1 directions
     # a masked position with no kept entry (re-masked) makes the step run the null pass; forbid stays -inf
     x[0, 1] = MASK
     mask6 = torch.tensor([[False, True, True, False], [False, False, False, False]])

@@ -198,8 +198,8 @@ class SamplingConfig:
     # Decoders with prefix tokens, RoPE, self-conditioning or z_positions decode without reuse (a warning)
     kv_refresh: int = 0
     # MaskGIT with guidance: the null (unconditional) pass runs only at steps 1, 1 + g, 1 + 2g, ...; the other
-    # steps run the conditional pass alone and reuse each masked position's last null logits (approximate).
-    # 0 = off: both passes at every step
+    # steps run the conditional pass alone and add each masked position's last guidance direction (conditional
+    # - null logits) (approximate). 0 = off: both passes at every step
     guidance_refresh: int = 0
     rerank: int = 1  # best-of-K by re-embedding cosine; 1 = off
     # encoder-guided refinement (sgdd.sampling.refine): rounds of "re-mask a fraction of the hypothesis, refill

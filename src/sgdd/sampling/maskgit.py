@@ -57,10 +57,11 @@ and update the kept entries where they ran (Decoder.forward(kv=KVState)). Approx
 earlier state and time input. Measured in bench/RESULTS.md ("Ninth round"). Decoders that cannot (prefix tokens,
 RoPE, self-conditioning, z_positions: Decoder.supports_kv) decode without reuse, with a warning.
 Null-pass reuse (sampling.guidance_refresh = G > 0, with guidance, cfg_scale not 0 or 1): the null
-(unconditional) pass of classifier-free guidance runs only at steps 1, 1 + G, ...; there it is kept for every
-masked position (NullReuse). The other steps run the conditional pass alone and guide it with each masked
-position's kept null logits: null_then + s * (cond_now - null_then). Approximate: the kept null logits saw an
-earlier, more masked state. A masked position with no kept entry (re-masked by sampling.remask, or decoding
+(unconditional) pass of classifier-free guidance runs only at steps 1, 1 + G, ...; there the guidance direction
+cond - null is kept for every masked position (NullReuse). The other steps run the conditional pass alone and
+add the kept direction: cond_now + (s - 1) * (cond_then - null_then) (at refresh steps exactly null + s * (cond -
+null)). Approximate: the kept direction comes from an earlier, more masked state. Keeping the null logits instead
+(null_then + s * (cond_now - null_then)) strays further from exact guidance (bench/RESULTS.md "Twelfth round"). A masked position with no kept entry (re-masked by sampling.remask, or decoding
 from `init`) makes that step run the null pass. Self-conditioned models decode exactly (a warning).
 Row-wise work on the (N, V) logits runs in cache-sized slices of rows (guidance.row_slices): on this CPU a
 whole-tensor pass at V = 20k costs 2-3x more, mostly page faults on fresh buffers.
@@ -344,8 +345,9 @@ class KVReuse:
 
 
 class NullReuse:
-    """Per-decode state of sampling.guidance_refresh: the null pass's logits of every position that was masked
-    when it last ran (`store` (M, C) float32, row `index[b, l]` for position (b, l); -1 = none kept)."""
+    """Per-decode state of sampling.guidance_refresh: the guidance direction (conditional - null logits) of every
+    position that was masked when the null pass last ran (`store` (M, C) float32, row `index[b, l]` for position
+    (b, l); -1 = none kept)."""
 
     def __init__(self, refresh: int, scale: float, B: int, L: int, device: torch.device | str):
         self.refresh, self.scale = refresh, float(scale)
@@ -356,24 +358,27 @@ class NullReuse:
     def guide(self, k: int, cond: torch.Tensor, null_fn, x: torch.Tensor, mask: torch.Tensor, mask_id: int,
               forbid: int | None) -> torch.Tensor:
         """Guided logits (N, C) from the conditional ones `cond` (N, C) at the positions of `mask` (B, L) (the
-        active rows' masked positions, row-major). `null_fn()` runs the null pass on the same positions; it is
-        called at refresh steps and whenever a position has no kept entry. `forbid`: a column both passes set to
-        -inf (MASK), set to -inf again after the combination (-inf - -inf is undefined)."""
+        active rows' masked positions, row-major): cond + (s - 1) * (cond_then - null_then). `null_fn()` runs the
+        null pass on the same positions; it is called at refresh steps (where this is exact guidance, then = now)
+        and whenever a position has no kept entry. `forbid`: a column both passes set to -inf (MASK); it stays
+        -inf (its direction is kept as 0: -inf - -inf is undefined)."""
         at = self.index[mask]  # (N,) kept rows, -1 = none
         if (k - 1) % self.refresh == 0 or self.store is None or bool((at < 0).any()):
-            null = null_fn().float()  # (N, C)
+            delta = cond - null_fn().float()  # (N, C)
+            if forbid is not None:
+                delta[:, forbid] = 0.0
             idle = (x == mask_id) & ~mask  # masked positions of rows that did not run: keep their entries
             kept = self.index[idle]
-            keep = null[:0] if self.store is None else self.store[kept.clamp(min=0)]
-            self.store = torch.cat([keep, null])
+            keep = delta[:0] if self.store is None else self.store[kept.clamp(min=0)]
+            self.store = torch.cat([keep, delta])
             self.index.fill_(-1)
             self.index[idle] = torch.where(kept >= 0, torch.arange(kept.numel(), device=kept.device), -1)
-            self.index[mask] = keep.shape[0] + torch.arange(null.shape[0], device=null.device)
+            self.index[mask] = keep.shape[0] + torch.arange(delta.shape[0], device=delta.device)
             self.null_passes += 1
         else:
-            null = self.store[at]
+            delta = self.store[at]
         for rows in row_slices(cond.shape[0], max(1, cond.shape[-1]), cond.device):
-            torch.lerp(null[rows], cond[rows], self.scale, out=cond[rows])
+            cond[rows].add_(delta[rows], alpha=self.scale - 1.0)
         if forbid is not None:
             cond[:, forbid] = -math.inf
         return cond
