@@ -91,8 +91,8 @@ _DECODING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
      "MaskGIT: reuse keys / values of unchanged positions, a full pass every R steps (0 = off, exact); "
      "default: the checkpoint's"),
     ("--guidance-refresh", "guidance_refresh", int,
-     "MaskGIT with guidance: run the null pass every G steps, reusing its logits in between (0 = every step, "
-     "exact); default: the checkpoint's"),
+     "MaskGIT with guidance: run the null pass every G steps and add its last guidance direction in between "
+     "(0 = every step, exact); default: the checkpoint's"),
 )
 
 
