@@ -444,7 +444,6 @@ class Decoder(nn.Module):
             h = h.new_zeros(B, L, h.shape[-1]).scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), h)
         return h, c, z
 
-    @torch.no_grad()
     def prepare_shortlist(self, shared: torch.Tensor, per_row: torch.Tensor) -> Shortlist:
         """A Shortlist of ids shared (F,) and per_row (B, K) with their output-table rows gathered now, cast to
         autocast's dtype when autocast is on for the table's device (forward would cast them at every call)."""
@@ -456,15 +455,10 @@ class Decoder(nn.Module):
 
     def _shortlist_logits(self, feats, select, shortlist, embedding) -> torch.Tensor:
         """Output logits (N, F + K) at the selected positions over the shared and the row's own shortlist ids."""
-        if isinstance(shortlist, Shortlist):
-            w_shared, b_shared, w_own, b_own = shortlist.w_shared, shortlist.b_shared, shortlist.w_own, shortlist.b_own
-        else:
-            shared, per_row = shortlist
-            weight, bias = self.final.output_table(embedding)
-            w_shared, b_shared, w_own, b_own = weight[shared], bias[shared], weight[per_row], bias[per_row]
+        sl = shortlist if isinstance(shortlist, Shortlist) else self.prepare_shortlist(*shortlist)
         f = feats[select]  # (N, D)
-        head = F.linear(f, w_shared, b_shared)  # (N, F)
-        own = torch.bmm(feats, w_own.transpose(1, 2))[select] + b_own[select.nonzero()[:, 0]]  # (N, K)
+        head = F.linear(f, sl.w_shared, sl.b_shared)  # (N, F)
+        own = torch.bmm(feats, sl.w_own.transpose(1, 2))[select] + sl.b_own[select.nonzero()[:, 0]]  # (N, K)
         return torch.cat([head, own.to(head.dtype)], dim=1)
 
     def _shortlist_prior(self, z_eff, x_t, select, shortlist) -> torch.Tensor:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from sgdd.models.decoder import KVState
+from sgdd.models.decoder import KVState, Shortlist
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -105,7 +105,7 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
         # self-conditioning: sc holds 2B rows, the conditional pass's estimates first, the null pass's second
         sc_kw = {} if sc is None and not return_features else {"sc": sc, "return_features": return_features}
         if shortlist is not None:  # (shared ids, per-row ids): the null rows use their conditional row's ids
-            sc_kw["shortlist"] = (shortlist.twice() if hasattr(shortlist, "twice")  # a prepared Shortlist
+            sc_kw["shortlist"] = (shortlist.twice() if isinstance(shortlist, Shortlist)
                                   else (shortlist[0], _twice(shortlist[1])))
         if kv is not None:  # reused keys / values: kv.cache holds 2B rows (conditional first), as sc does
             inner = KVState(kv.cache, _twice(kv.positions))
