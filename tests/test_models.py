@@ -450,6 +450,7 @@ def test_shortlist_logits_are_the_full_logits_at_the_shared_and_row_ids(tied):
     perturb_modulation(dec)
     with torch.no_grad():
         dec.bow_scale.fill_(0.7)
+        dec.bow_seen.copy_(torch.randn(V, generator=torch.Generator().manual_seed(3)))  # visible ids shift the prior
     select = torch.rand(3, L, generator=torch.Generator().manual_seed(2)) < 0.5
     shared = torch.tensor([0, 2, 5, 9])
     own = torch.tensor([[11, 3, 30], [12, 39, 4], [20, 21, 22]])
@@ -471,9 +472,24 @@ def test_shortlist_logits_are_the_full_logits_at_the_shared_and_row_ids(tied):
         sub_rows = select[sub].nonzero()[:, 0]
         sub_cols = torch.cat([shared[None].expand(2, -1), own[sub]], dim=1)[sub_rows]
         assert torch.allclose(part, dec(x[sub], t[sub], z[sub], select=select[sub]).gather(1, sub_cols), atol=1e-5)
+        # its bag-of-words prior is computed at the columns only; the null condition's rows too
+        assert prepared.prior is not None
+        uncond = torch.tensor([True, False, True])
+        full_null = dec(x, t, z, uncond=uncond, select=select)
+        short_null = dec(x, t, z, uncond=uncond, select=select, shortlist=prepared)
+        assert torch.allclose(short_null, full_null.gather(1, cols), atol=1e-5)
+        assert not torch.allclose(short_null, short, atol=1e-3)  # the null condition changes the logits
         two = prepared.twice()
         assert two.per_row.shape == (6, 3) and torch.equal(two.per_row[3:], own)
         assert torch.equal(two.w_own[3:], prepared.w_own) and torch.equal(two.b_own[:3], prepared.b_own)
+        assert torch.equal(two.prior.seen_own[3:], prepared.prior.seen_own)
+        assert torch.equal(two.prior.w_own[:3], prepared.prior.w_own)
+        x2, t2, z2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z])
+        both = dec(x2, t2, z2, uncond=torch.arange(6) >= 3, select=torch.cat([select, select]), shortlist=two)
+        n = int(select.sum())
+        assert torch.allclose(both[:n], short, atol=1e-5)
+        assert torch.allclose(both[n:], dec(x, t, z, uncond=torch.ones(3, dtype=torch.bool), select=select,
+                                            shortlist=(shared, own)), atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             prepared16 = dec.prepare_shortlist(shared, own)
             assert prepared16.w_own.dtype == torch.bfloat16 and prepared16.b_own.dtype == torch.float32

@@ -93,8 +93,9 @@ class KVState:
 class Shortlist:
     """Shortlist decoding's ids, shared (F,) and per row (B, K), with the output table's rows at them gathered once
     per decode (Decoder.prepare_shortlist) instead of at every step: w_shared (F, D), w_own (B, K, D) in the
-    compute dtype (autocast's, when it is on), b_shared (F,), b_own (B, K) as stored. Indexes like the
-    (shared, per_row) pair it replaces."""
+    compute dtype (autocast's, when it is on), b_shared (F,), b_own (B, K) as stored. With a bag-of-words head,
+    `prior` holds its table's rows, biases and `bow_seen` shifts at the same ids (PriorRows), so the prior is
+    computed at the F + K columns only. Indexes like the (shared, per_row) pair it replaces."""
 
     shared: torch.Tensor
     per_row: torch.Tensor
@@ -102,6 +103,7 @@ class Shortlist:
     b_shared: torch.Tensor
     w_own: torch.Tensor
     b_own: torch.Tensor
+    prior: PriorRows | None = None
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return (self.shared, self.per_row)[i]
@@ -109,12 +111,34 @@ class Shortlist:
     def rows(self, idx) -> Shortlist:
         """The shortlist of rows `idx` (a slice or an index tensor)."""
         return Shortlist(self.shared, self.per_row[idx], self.w_shared, self.b_shared, self.w_own[idx],
-                         self.b_own[idx])
+                         self.b_own[idx], None if self.prior is None else self.prior.rows(idx))
 
     def twice(self) -> Shortlist:
         """The rows stacked on themselves (the guidance wrapper's null rows use their conditional row's ids)."""
         return Shortlist(self.shared, torch.cat([self.per_row] * 2), self.w_shared, self.b_shared,
-                         torch.cat([self.w_own] * 2), torch.cat([self.b_own] * 2))
+                         torch.cat([self.w_own] * 2), torch.cat([self.b_own] * 2),
+                         None if self.prior is None else self.prior.twice())
+
+
+@dataclass
+class PriorRows:
+    """The bag-of-words head's parameters at a shortlist's ids: table rows w_shared (F, D), w_own (B, K, D) (compute
+    dtype), biases b_shared (F,), b_own (B, K) and `bow_seen` shifts seen_shared (F,), seen_own (B, K) (float32)."""
+
+    w_shared: torch.Tensor
+    b_shared: torch.Tensor
+    seen_shared: torch.Tensor
+    w_own: torch.Tensor
+    b_own: torch.Tensor
+    seen_own: torch.Tensor
+
+    def rows(self, idx) -> PriorRows:
+        return PriorRows(self.w_shared, self.b_shared, self.seen_shared, self.w_own[idx], self.b_own[idx],
+                         self.seen_own[idx])
+
+    def twice(self) -> PriorRows:
+        return PriorRows(self.w_shared, self.b_shared, self.seen_shared, torch.cat([self.w_own] * 2),
+                         torch.cat([self.b_own] * 2), torch.cat([self.seen_own] * 2))
 
 
 class Decoder(nn.Module):
@@ -445,13 +469,19 @@ class Decoder(nn.Module):
         return h, c, z
 
     def prepare_shortlist(self, shared: torch.Tensor, per_row: torch.Tensor) -> Shortlist:
-        """A Shortlist of ids shared (F,) and per_row (B, K) with their output-table rows gathered now, cast to
-        autocast's dtype when autocast is on for the table's device (forward would cast them at every call)."""
+        """A Shortlist of ids shared (F,) and per_row (B, K) with their output-table (and bag-of-words table) rows
+        gathered now, cast to autocast's dtype when autocast is on for the table's device (forward would cast
+        them at every call)."""
         weight, bias = self.final.output_table(self.tok_emb.weight if self.tie_embeddings else None)
         kind = weight.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        prior = None
+        if self.bow_mlp is not None:
+            seen = self.bow_seen.float()
+            prior = PriorRows(self.bow_emb[shared].to(dtype), self.bow_bias[shared], seen[shared],
+                              self.bow_emb[per_row].to(dtype), self.bow_bias[per_row], seen[per_row])
         return Shortlist(shared, per_row, weight[shared].to(dtype), bias[shared], weight[per_row].to(dtype),
-                         bias[per_row])
+                         bias[per_row], prior)
 
     def _shortlist_logits(self, feats, select, shortlist, embedding) -> torch.Tensor:
         """Output logits (N, F + K) at the selected positions over the shared and the row's own shortlist ids."""
@@ -465,11 +495,26 @@ class Decoder(nn.Module):
         """The scaled bag-of-words prior at the shortlist columns (N, F + K); 0 without a bag-of-words head."""
         if self.bow_mlp is None:
             return torch.zeros((), device=x_t.device)
-        shared, per_row = shortlist
-        prior = self.bow_prior(z_eff, x_t)  # (B, V)
-        cols = torch.cat([shared[None, :].expand(x_t.shape[0], -1), per_row], dim=1)  # (B, F + K)
         rows = select.nonzero()[:, 0]
-        return self.bow_scale * prior.gather(1, cols)[rows]
+        prior_rows = shortlist.prior if isinstance(shortlist, Shortlist) else None
+        if prior_rows is None:
+            shared, per_row = shortlist
+            prior = self.bow_prior(z_eff, x_t)  # (B, V)
+            cols = torch.cat([shared[None, :].expand(x_t.shape[0], -1), per_row], dim=1)  # (B, F + K)
+            return self.bow_scale * prior.gather(1, cols)[rows]
+        # bow_prior at the F + K columns only: the same sums as its (B, V) product, gathered before instead of after
+        p = prior_rows
+        hz = self.bow_mlp(z_eff)  # (B, D)
+        s = torch.cat([F.linear(hz, p.w_shared, p.b_shared).float(),
+                       (torch.bmm(p.w_own, hz.to(p.w_own.dtype)[:, :, None])[..., 0] + p.b_own).float()], dim=1)
+        visible = torch.zeros(x_t.shape[0], self.vocab_size, dtype=torch.bool, device=x_t.device)
+        visible.scatter_(1, x_t, True)
+        visible[:, PAD_ID] = False  # as in bow_prior
+        visible[:, MASK_ID] = False
+        cols = torch.cat([shortlist.shared[None, :].expand(x_t.shape[0], -1), shortlist.per_row], dim=1)
+        shift = torch.cat([p.seen_shared[None, :].expand(x_t.shape[0], -1), p.seen_own], dim=1)  # (B, F + K)
+        prior = F.logsigmoid(s + visible.gather(1, cols) * shift)
+        return self.bow_scale * prior[rows]
 
     def _add_prior(self, logits, z_eff, x_t, select, columns, target) -> torch.Tensor:
         """The logits plus the scaled bag-of-words prior (unchanged without a bag-of-words head)."""
