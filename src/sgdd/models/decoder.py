@@ -415,10 +415,10 @@ class Decoder(nn.Module):
         if shortlist is not None:
             if select is None or columns is not None:
                 raise ValueError("shortlist needs select and excludes columns")
+            sl = shortlist if isinstance(shortlist, Shortlist) else self.prepare_shortlist(*shortlist)
             all_feats = self.final.features(h, c)  # (B, L, D)
             feats = all_feats if return_features else None
-            logits = self._shortlist_logits(all_feats, select, shortlist, embedding)
-            logits = logits + self._shortlist_prior(z_eff, x_t, select, shortlist)
+            logits = self._shortlist_logits(all_feats, select, sl) + self._shortlist_prior(z_eff, x_t, select, sl)
             return logits if feats is None else (logits, feats)
         if return_features:
             if columns is not None:
@@ -483,38 +483,30 @@ class Decoder(nn.Module):
         return Shortlist(shared, per_row, weight[shared].to(dtype), bias[shared], weight[per_row].to(dtype),
                          bias[per_row], prior)
 
-    def _shortlist_logits(self, feats, select, shortlist, embedding) -> torch.Tensor:
+    def _shortlist_logits(self, feats, select, sl: Shortlist) -> torch.Tensor:
         """Output logits (N, F + K) at the selected positions over the shared and the row's own shortlist ids."""
-        sl = shortlist if isinstance(shortlist, Shortlist) else self.prepare_shortlist(*shortlist)
         f = feats[select]  # (N, D)
         head = F.linear(f, sl.w_shared, sl.b_shared)  # (N, F)
         own = torch.bmm(feats, sl.w_own.transpose(1, 2))[select] + sl.b_own[select.nonzero()[:, 0]]  # (N, K)
         return torch.cat([head, own.to(head.dtype)], dim=1)
 
-    def _shortlist_prior(self, z_eff, x_t, select, shortlist) -> torch.Tensor:
-        """The scaled bag-of-words prior at the shortlist columns (N, F + K); 0 without a bag-of-words head."""
-        if self.bow_mlp is None:
+    def _shortlist_prior(self, z_eff, x_t, select, sl: Shortlist) -> torch.Tensor:
+        """The scaled bag-of-words prior at the shortlist columns (N, F + K); 0 without a bag-of-words head.
+        bow_prior at the F + K columns only: the same sums as its (B, V) product, gathered before, not after."""
+        if sl.prior is None:
             return torch.zeros((), device=x_t.device)
-        rows = select.nonzero()[:, 0]
-        prior_rows = shortlist.prior if isinstance(shortlist, Shortlist) else None
-        if prior_rows is None:
-            shared, per_row = shortlist
-            prior = self.bow_prior(z_eff, x_t)  # (B, V)
-            cols = torch.cat([shared[None, :].expand(x_t.shape[0], -1), per_row], dim=1)  # (B, F + K)
-            return self.bow_scale * prior.gather(1, cols)[rows]
-        # bow_prior at the F + K columns only: the same sums as its (B, V) product, gathered before instead of after
-        p = prior_rows
+        p, B = sl.prior, x_t.shape[0]
         hz = self.bow_mlp(z_eff)  # (B, D)
         s = torch.cat([F.linear(hz, p.w_shared, p.b_shared).float(),
-                       (torch.bmm(p.w_own, hz.to(p.w_own.dtype)[:, :, None])[..., 0] + p.b_own).float()], dim=1)
-        visible = torch.zeros(x_t.shape[0], self.vocab_size, dtype=torch.bool, device=x_t.device)
+                       (torch.bmm(p.w_own, hz[:, :, None])[..., 0] + p.b_own).float()], dim=1)  # (B, F + K)
+        visible = torch.zeros(B, self.vocab_size, dtype=torch.bool, device=x_t.device)
         visible.scatter_(1, x_t, True)
         visible[:, PAD_ID] = False  # as in bow_prior
         visible[:, MASK_ID] = False
-        cols = torch.cat([shortlist.shared[None, :].expand(x_t.shape[0], -1), shortlist.per_row], dim=1)
-        shift = torch.cat([p.seen_shared[None, :].expand(x_t.shape[0], -1), p.seen_own], dim=1)  # (B, F + K)
+        cols = torch.cat([sl.shared[None, :].expand(B, -1), sl.per_row], dim=1)  # (B, F + K)
+        shift = torch.cat([p.seen_shared[None, :].expand(B, -1), p.seen_own], dim=1)  # (B, F + K)
         prior = F.logsigmoid(s + visible.gather(1, cols) * shift)
-        return self.bow_scale * prior[rows]
+        return self.bow_scale * prior[select.nonzero()[:, 0]]
 
     def _add_prior(self, logits, z_eff, x_t, select, columns, target) -> torch.Tensor:
         """The logits plus the scaled bag-of-words prior (unchanged without a bag-of-words head)."""
