@@ -536,6 +536,18 @@ def test_kv_passes_match_the_plain_forward(pretrained, bow, request):
         dec(y, t, z, select=select, kv=stale)
         other = dec(x, t, z, select=select, kv=KVState(stale.cache, positions))
         assert not torch.allclose(other, ref, atol=1e-3)
+        # entries marked invalid are padding and never run: running position 0 too would refresh its stale entry
+        exact = dec(x, t, z, select=select, kv=KVState(stale.cache, torch.tensor([[4, 5, 6]] * 3)))
+        padded = torch.tensor([[4, 5, 6, 0]] * 3)
+        valid = torch.tensor([[True, True, True, False]] * 3)
+        assert torch.allclose(dec(x, t, z, select=select, kv=KVState(stale.cache, padded, valid)), exact, atol=1e-5)
+        assert not torch.allclose(dec(x, t, z, select=select, kv=KVState(stale.cache, padded)), exact, atol=1e-3)
+        # rows may run different numbers of positions (row 1 runs one more)
+        valid[1, 3] = True
+        mixed = dec(x, t, z, select=select, kv=KVState(stale.cache, padded, valid))
+        rows_of = select.nonzero()[:, 0]
+        assert torch.allclose(mixed[rows_of != 1], exact[rows_of != 1], atol=1e-5)
+        assert not torch.allclose(mixed[rows_of == 1], exact[rows_of == 1], atol=1e-3)
 
 
 def test_kv_is_refused_where_the_cache_would_be_wrong():

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgdd.config import ModelConfig
-from sgdd.models.layers import DiTBlock, FinalLayer, PretrainedBlock, rope_tables, timestep_embedding
+from sgdd.models.layers import (
+    DiTBlock,
+    FinalLayer,
+    PackedPositions,
+    PretrainedBlock,
+    rope_tables,
+    timestep_embedding,
+)
 from sgdd.registry import ConfigError
 
 FREQ_DIM = 256  # sinusoidal timestep features before the MLP
@@ -83,10 +90,13 @@ def resolve_arch(cfg: ModelConfig, pretrained=None) -> Arch:
 class KVState:
     """Keys / values reused across decoding steps (Decoder.forward(kv=...)): `cache` holds each block's (keys,
     values) (B, H, L, hd) for x_t's rows, None before the first (full) pass; `positions` (B, r) long are the
-    positions to run at the next call (repeats allowed), None = all. forward replaces `cache` with the new one."""
+    positions to run at the next call (repeats allowed), None = all; `valid` (B, r) bool, optional, marks the
+    entries of `positions` to run (the rest are padding, never run; None = all). The positions run are packed:
+    their projections and MLPs cost what they hold, not B x r. forward replaces `cache` with the new one."""
 
     cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     positions: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -416,9 +426,12 @@ class Decoder(nn.Module):
             if select is None or columns is not None:
                 raise ValueError("shortlist needs select and excludes columns")
             sl = shortlist if isinstance(shortlist, Shortlist) else self.prepare_shortlist(*shortlist)
-            all_feats = self.final.features(h, c)  # (B, L, D)
-            feats = all_feats if return_features else None
-            logits = self._shortlist_logits(all_feats, select, sl) + self._shortlist_prior(z_eff, x_t, select, sl)
+            if return_features:
+                feats = self.final.features(h, c)  # (B, L, D)
+                f = feats[select]
+            else:
+                f = self.final.features(h, c, select)  # (N, D): only the selected positions pay for the transform
+            logits = self._shortlist_logits(f, select, sl) + self._shortlist_prior(z_eff, x_t, select, sl)
             return logits if feats is None else (logits, feats)
         if return_features:
             if columns is not None:
@@ -453,19 +466,25 @@ class Decoder(nn.Module):
                               "self-conditioning or z_positions; set sampling.kv_refresh: 0")
         B, L = x_t.shape
         c, z = self._condition_rows(x_t, t, z, uncond)
-        idx = None if kv.cache is None else kv.positions
-        if idx is None:
-            h = self.tok_emb(x_t) + self.pos_emb[:L]
-        else:
-            h = self.tok_emb(x_t.gather(1, idx)) + self.pos_emb[idx]  # (B, r, D)
-        h = self.emb_drop(self.emb_norm(h))
+        if kv.cache is None:
+            h = self.emb_drop(self.emb_norm(self.tok_emb(x_t) + self.pos_emb[:L]))
+            cache = []
+            for block in self.blocks:
+                h, pair = block.forward_kv(h, c)
+                cache.append(pair)
+            kv.cache = cache
+            return h, c, z
+        idx = kv.positions
+        valid = torch.ones_like(idx, dtype=torch.bool) if kv.valid is None else kv.valid
+        row, slot = valid.nonzero(as_tuple=True)  # (M,) row-major
+        at = PackedPositions(row, idx[row, slot], slot, idx.shape[1])
+        h = self.emb_drop(self.emb_norm(self.tok_emb(x_t[row, at.pos]) + self.pos_emb[at.pos]))  # (M, D)
         cache = []
         for i, block in enumerate(self.blocks):
-            h, pair = block.forward_kv(h, c, None if idx is None else kv.cache[i], idx)
+            h, pair = block.forward_kv(h, c, kv.cache[i], at)
             cache.append(pair)
         kv.cache = cache
-        if idx is not None:
-            h = h.new_zeros(B, L, h.shape[-1]).scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), h)
+        h = h.new_zeros(B, L, h.shape[-1]).index_put_((row, at.pos), h)  # zero outside the positions run
         return h, c, z
 
     def prepare_shortlist(self, shared: torch.Tensor, per_row: torch.Tensor) -> Shortlist:
@@ -483,11 +502,16 @@ class Decoder(nn.Module):
         return Shortlist(shared, per_row, weight[shared].to(dtype), bias[shared], weight[per_row].to(dtype),
                          bias[per_row], prior)
 
-    def _shortlist_logits(self, feats, select, sl: Shortlist) -> torch.Tensor:
-        """Output logits (N, F + K) at the selected positions over the shared and the row's own shortlist ids."""
-        f = feats[select]  # (N, D)
+    def _shortlist_logits(self, f, select, sl: Shortlist) -> torch.Tensor:
+        """Output logits (N, F + K) at the selected positions (features f (N, D), row-major) over the shared and the
+        row's own shortlist ids. The own ids' product runs per row on its selected positions, padded to the
+        largest count of a row."""
         head = F.linear(f, sl.w_shared, sl.b_shared)  # (N, F)
-        own = torch.bmm(feats, sl.w_own.transpose(1, 2))[select] + sl.b_own[select.nonzero()[:, 0]]  # (N, K)
+        rows = select.nonzero()[:, 0]  # (N,)
+        slot = (select.cumsum(dim=1) - 1)[select]  # (N,) rank of the position among its row's selected ones
+        width = int(select.sum(dim=1).max()) if rows.numel() else 0
+        padded = f.new_zeros(select.shape[0], width, f.shape[-1]).index_put_((rows, slot), f)  # (B, m, D)
+        own = torch.bmm(padded, sl.w_own.transpose(1, 2))[rows, slot] + sl.b_own[rows]  # (N, K)
         return torch.cat([head, own.to(head.dtype)], dim=1)
 
     def _shortlist_prior(self, z_eff, x_t, select, sl: Shortlist) -> torch.Tensor:

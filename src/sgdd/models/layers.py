@@ -16,6 +16,7 @@ prediction target, not something to hide). Parameters stay float32; autocast doe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     One fused pass (addcmul) over the (B, L, D) tensor instead of a multiply and an add, which allocates one fresh
     buffer fewer: with the gated residuals fused the same way, decoding ran 4 % faster in a process without
     sgdd.cli.tune_malloc, and within timing noise with it (bench/RESULTS.md "Ninth round")."""
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    return _modulate(x, shift.unsqueeze(1), scale.unsqueeze(1))
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift with shift, scale already broadcastable against x."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def timestep_embedding(
@@ -133,23 +139,42 @@ class Attention(nn.Module):
         out = attention(q, k, v, p)  # (B, H, L, hd)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
-    def forward_kv(
-        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, idx: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Attention for decoding with reused keys / values (no RoPE, no dropout).
-
-        kv None: x (B, L, D) is every position; returns (out (B, L, D), its (keys, values) (B, H, L, hd)).
-        Else x (B, r, D) holds only the positions idx (B, r) of a length-L sequence whose keys / values for
-        all L positions are kv: those at idx are replaced by x's, the queries are x's; returns (out (B, r, D),
-        the updated (keys, values) (B, H, L, hd)). A position may repeat in idx (same input, same result)."""
-        B, r, D = x.shape
+    def forward_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Attention over every position for decoding with reused keys / values (no RoPE, no dropout): x (B, L, D)
+        -> (out (B, L, D), its (keys, values) (B, H, L, hd)) to keep."""
+        B, L, D = x.shape
         q, k, v = self._qkv(x)
-        if kv is not None:
-            where = idx[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)
-            k = kv[0].to(k.dtype).scatter(2, where, k)
-            v = kv[1].to(v.dtype).scatter(2, where, v)
-        out = attention(q, k, v)  # (B, H, r, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, r, D)), (k, v)
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, L, D)), (k, v)
+
+    def forward_packed(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], at: PackedPositions
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Attention for some positions only, against kept keys / values (no RoPE, no dropout).
+
+        x (M, D) holds the M positions `at` (PackedPositions) of B length-L sequences whose keys / values at all
+        positions are kv (B, H, L, hd): those at `at` are replaced by x's (new tensors; kv is not modified), the
+        queries are x's. Returns (out (M, D), the updated (keys, values)). The projections run on the M packed
+        positions, the attention on each row's up-to-r queries (padded) against its L keys."""
+        M, D = x.shape
+        H, hd = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).view(M, 3, H, hd).unbind(1)  # each (M, H, hd)
+        # (B, H, L, hd) viewed as (B, L, H, hd): index_put at (row, pos) writes whole (H, hd) entries
+        keys = kv[0].to(k.dtype).transpose(1, 2).index_put((at.row, at.pos), k).transpose(1, 2)
+        values = kv[1].to(v.dtype).transpose(1, 2).index_put((at.row, at.pos), v).transpose(1, 2)
+        queries = q.new_zeros(keys.shape[0], at.width, H, hd).index_put_((at.row, at.slot), q)  # (B, r, H, hd)
+        out = attention(queries.transpose(1, 2), keys, values).transpose(1, 2)  # (B, r, H, hd)
+        return self.proj(out[at.row, at.slot].reshape(M, D)), (keys, values)
+
+
+@dataclass
+class PackedPositions:
+    """M positions of a batch of B sequences, packed row-major: position pos[m] of row row[m], the slot[m]-th run
+    position of its row (slot < width)."""
+
+    row: torch.Tensor  # (M,) long
+    pos: torch.Tensor  # (M,) long
+    slot: torch.Tensor  # (M,) long
+    width: int
 
 
 class Mlp(nn.Module):
@@ -165,22 +190,32 @@ class Mlp(nn.Module):
 
 
 class ModulatedBlock(nn.Module):
-    """A transformer block conditioned on c (B, Dc); subclasses define `_run(x, c, attn)`, the block around an
-    attention function."""
+    """A transformer block conditioned on c (B, Dc); subclasses define `_run(x, mods, attn)`, the block around an
+    attention function, with `mods` the six modulation vectors (..., 6 D) broadcastable against x."""
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope=None) -> torch.Tensor:
         # x (B, L, D); c (B, Dc)
-        return self._run(x, c, lambda h: self.attn(h, rope))
+        return self._run(x, self.adaLN_modulation(c).unsqueeze(1), lambda h: self.attn(h, rope))
 
-    def forward_kv(self, x, c, kv=None, idx=None):
-        """The block with reused keys / values (Attention.forward_kv): -> (x (B, r, D), (keys, values))."""
+    def forward_kv(self, x, c, kv=None, at: PackedPositions | None = None):
+        """The block for decoding with reused keys / values -> (x, (keys, values)). kv None: x (B, L, D) is every
+        position (Attention.forward_kv). Else x (M, D) holds the packed positions `at` and kv the block's kept
+        (keys, values) (Attention.forward_packed); each position gets its row's modulation."""
         out = {}
+        if kv is None:
+            mods = self.adaLN_modulation(c).unsqueeze(1)  # (B, 1, 6D)
 
-        def attn(h):
-            a, out["kv"] = self.attn.forward_kv(h, kv, idx)
-            return a
+            def attn(h):
+                a, out["kv"] = self.attn.forward_kv(h)
+                return a
+        else:
+            mods = self.adaLN_modulation(c)[at.row]  # (M, 6D)
 
-        return self._run(x, c, attn), out["kv"]
+            def attn(h):
+                a, out["kv"] = self.attn.forward_packed(h, kv, at)
+                return a
+
+        return self._run(x, mods, attn), out["kv"]
 
 
 class DiTBlock(ModulatedBlock):
@@ -195,12 +230,12 @@ class DiTBlock(ModulatedBlock):
         self.drop = nn.Dropout(dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
 
-    def _run(self, x: torch.Tensor, c: torch.Tensor, attn) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        a = self.drop(attn(modulate(self.norm1(x), shift_a, scale_a)))
-        x = torch.addcmul(x, gate_a.unsqueeze(1), a)
-        m = self.drop(self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
-        x = torch.addcmul(x, gate_m.unsqueeze(1), m)
+    def _run(self, x: torch.Tensor, mods: torch.Tensor, attn) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
+        a = self.drop(attn(_modulate(self.norm1(x), shift_a, scale_a)))
+        x = torch.addcmul(x, gate_a, a)
+        m = self.drop(self.mlp(_modulate(self.norm2(x), shift_m, scale_m)))
+        x = torch.addcmul(x, gate_m, m)
         return x
 
 
@@ -230,12 +265,12 @@ class PretrainedBlock(ModulatedBlock):
         self.drop = nn.Dropout(dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
 
-    def _run(self, x: torch.Tensor, c: torch.Tensor, attn) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        a = self.drop(attn(modulate(x, shift_a, scale_a)))
-        x = self.norm1(torch.addcmul(x, 1 + gate_a.unsqueeze(1), a))
-        m = self.drop(self.mlp(modulate(x, shift_m, scale_m)))
-        return self.norm2(torch.addcmul(x, 1 + gate_m.unsqueeze(1), m))
+    def _run(self, x: torch.Tensor, mods: torch.Tensor, attn) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
+        a = self.drop(attn(_modulate(x, shift_a, scale_a)))
+        x = self.norm1(torch.addcmul(x, 1 + gate_a, a))
+        m = self.drop(self.mlp(_modulate(x, shift_m, scale_m)))
+        return self.norm2(torch.addcmul(x, 1 + gate_m, m))
 
     @torch.no_grad()
     def load_hf_layer(self, layer: nn.Module) -> None:

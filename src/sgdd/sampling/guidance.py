@@ -76,7 +76,7 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
     `sc` and the returned features hold 2B rows, the conditional pass's first. `passes` (an attribute of the
     returned function) is the number of model passes per call, 1 or 2. A `shortlist` (shared ids, per-row ids
     (B, K)) passes through too, the per-row ids doubled for the null rows; so does `kv` (reused keys / values,
-    sgdd.models.decoder.KVState: its cache holds 2B rows, its positions are doubled).
+    sgdd.models.decoder.KVState: its cache holds 2B rows, its positions and valid marks are doubled).
     """
     scale = float(scale)
 
@@ -108,7 +108,7 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
             sc_kw["shortlist"] = (shortlist.twice() if isinstance(shortlist, Shortlist)
                                   else (shortlist[0], _twice(shortlist[1])))
         if kv is not None:  # reused keys / values: kv.cache holds 2B rows (conditional first), as sc does
-            inner = KVState(kv.cache, _twice(kv.positions))
+            inner = KVState(kv.cache, _twice(kv.positions), _twice(kv.valid))
             sc_kw["kv"] = inner
         out = model(  # (2B, L, V) or (2N, V): the conditional rows first, the null rows second
             _twice(x_t), _twice(t), _twice(z), uncond=torch.cat([cond_rows, null_rows]), select=_twice(select),

@@ -333,8 +333,8 @@ class KVReuse:
             r = int(count.max())
             order = torch.sort((~stale).to(torch.int8), dim=1, stable=True).indices[:, :r]  # stale positions first
             fill = torch.arange(r, device=x_in.device)[None, :] < count[:, None]
-            positions = torch.where(fill, order, order[:, :1])  # (b, r) padded with a repeat of a stale position
-            state = KVState([(kc[pass_rows], vc[pass_rows]) for kc, vc in self.cache], positions)
+            # (b, r): each row's stale positions, then padding the decoder skips (packed: it runs M = count.sum())
+            state = KVState([(kc[pass_rows], vc[pass_rows]) for kc, vc in self.cache], order, fill)
         logits = process.clean_logits(step_model, x_in, mask_ratio, z, select=mask_in, kv=state, **extra)
         if self.cache is None:
             self.cache = [(kc.new_zeros((passes * B,) + kc.shape[1:]), vc.new_zeros((passes * B,) + vc.shape[1:]))
