@@ -431,7 +431,7 @@ class Decoder(nn.Module):
                 f = feats[select]
             else:
                 f = self.final.features(h, c, select)  # (N, D): only the selected positions pay for the transform
-            logits = self._shortlist_logits(f, select, sl) + self._shortlist_prior(z_eff, x_t, select, sl)
+            logits = self._shortlist_logits(f, select, sl, self._shortlist_prior(z_eff, x_t, sl))
             return logits if feats is None else (logits, feats)
         if return_features:
             if columns is not None:
@@ -502,23 +502,31 @@ class Decoder(nn.Module):
         return Shortlist(shared, per_row, weight[shared].to(dtype), bias[shared], weight[per_row].to(dtype),
                          bias[per_row], prior)
 
-    def _shortlist_logits(self, f, select, sl: Shortlist) -> torch.Tensor:
+    def _shortlist_logits(self, f, select, sl: Shortlist, prior: torch.Tensor | None = None) -> torch.Tensor:
         """Output logits (N, F + K) at the selected positions (features f (N, D), row-major) over the shared and the
-        row's own shortlist ids. The own ids' product runs per row on its selected positions, padded to the
-        largest count of a row."""
+        row's own shortlist ids, plus each row's `prior` (B, F + K) float32 when given (then float32, summed into
+        the gathered prior in place: no separate (N, F + K) buffers for the sum). The own ids' product runs per
+        row on its selected positions, padded to the largest count of a row."""
         head = F.linear(f, sl.w_shared, sl.b_shared)  # (N, F)
         rows = select.nonzero()[:, 0]  # (N,)
         slot = (select.cumsum(dim=1) - 1)[select]  # (N,) rank of the position among its row's selected ones
         width = int(select.sum(dim=1).max()) if rows.numel() else 0
         padded = f.new_zeros(select.shape[0], width, f.shape[-1]).index_put_((rows, slot), f)  # (B, m, D)
         own = torch.bmm(padded, sl.w_own.transpose(1, 2))[rows, slot] + sl.b_own[rows]  # (N, K)
-        return torch.cat([head, own.to(head.dtype)], dim=1)
+        if prior is None:
+            return torch.cat([head, own.to(head.dtype)], dim=1)
+        out = prior.index_select(0, rows)  # (N, F + K) float32, ours
+        F_ = head.shape[1]
+        out[:, :F_] += head
+        out[:, F_:] += own.to(head.dtype)  # rounded as in the full-vocabulary product
+        return out
 
-    def _shortlist_prior(self, z_eff, x_t, select, sl: Shortlist) -> torch.Tensor:
-        """The scaled bag-of-words prior at the shortlist columns (N, F + K); 0 without a bag-of-words head.
-        bow_prior at the F + K columns only: the same sums as its (B, V) product, gathered before, not after."""
+    def _shortlist_prior(self, z_eff, x_t, sl: Shortlist) -> torch.Tensor | None:
+        """Each row's scaled bag-of-words prior at its shortlist columns (B, F + K) float32; None without a
+        bag-of-words head. bow_prior at the F + K columns only: the same sums as its (B, V) product, gathered
+        before, not after."""
         if sl.prior is None:
-            return torch.zeros((), device=x_t.device)
+            return None
         p, B = sl.prior, x_t.shape[0]
         hz = self.bow_mlp(z_eff)  # (B, D)
         s = torch.cat([F.linear(hz, p.w_shared, p.b_shared).float(),
@@ -529,8 +537,7 @@ class Decoder(nn.Module):
         visible[:, MASK_ID] = False
         cols = torch.cat([sl.shared[None, :].expand(B, -1), sl.per_row], dim=1)  # (B, F + K)
         shift = torch.cat([p.seen_shared[None, :].expand(B, -1), p.seen_own], dim=1)  # (B, F + K)
-        prior = F.logsigmoid(s + visible.gather(1, cols) * shift)
-        return self.bow_scale * prior[select.nonzero()[:, 0]]
+        return self.bow_scale * F.logsigmoid(s + visible.gather(1, cols) * shift)
 
     def _add_prior(self, logits, z_eff, x_t, select, columns, target) -> torch.Tensor:
         """The logits plus the scaled bag-of-words prior (unchanged without a bag-of-words head)."""
