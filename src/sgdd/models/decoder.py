@@ -478,13 +478,14 @@ class Decoder(nn.Module):
         valid = torch.ones_like(idx, dtype=torch.bool) if kv.valid is None else kv.valid
         row, slot = valid.nonzero(as_tuple=True)  # (M,) row-major
         at = PackedPositions(row, idx[row, slot], slot, idx.shape[1])
-        h = self.emb_drop(self.emb_norm(self.tok_emb(x_t[row, at.pos]) + self.pos_emb[at.pos]))  # (M, D)
+        h = self.emb_drop(self.emb_norm(self.tok_emb(x_t[row, at.pos]) + self.pos_emb.index_select(0, at.pos)))
         cache = []
         for i, block in enumerate(self.blocks):
             h, pair = block.forward_kv(h, c, kv.cache[i], at)
             cache.append(pair)
         kv.cache = cache
-        h = h.new_zeros(B, L, h.shape[-1]).index_put_((row, at.pos), h)  # zero outside the positions run
+        D = h.shape[-1]  # zero outside the positions run
+        h = h.new_zeros(B * L, D).index_copy_(0, row * L + at.pos, h).view(B, L, D)
         return h, c, z
 
     def prepare_shortlist(self, shared: torch.Tensor, per_row: torch.Tensor) -> Shortlist:

@@ -161,7 +161,9 @@ class Attention(nn.Module):
         # (B, H, L, hd) viewed as (B, L, H, hd): index_put at (row, pos) writes whole (H, hd) entries
         keys = kv[0].to(k.dtype).transpose(1, 2).index_put((at.row, at.pos), k).transpose(1, 2)
         values = kv[1].to(v.dtype).transpose(1, 2).index_put((at.row, at.pos), v).transpose(1, 2)
-        queries = q.new_zeros(keys.shape[0], at.width, H, hd).index_put_((at.row, at.slot), q)  # (B, r, H, hd)
+        B = keys.shape[0]
+        queries = q.new_zeros(B * at.width, H, hd).index_copy_(0, at.row * at.width + at.slot, q)
+        queries = queries.view(B, at.width, H, hd)
         out = attention(queries.transpose(1, 2), keys, values).transpose(1, 2)  # (B, r, H, hd)
         return self.proj(out[at.row, at.slot].reshape(M, D)), (keys, values)
 
@@ -209,7 +211,7 @@ class ModulatedBlock(nn.Module):
                 a, out["kv"] = self.attn.forward_kv(h)
                 return a
         else:
-            mods = self.adaLN_modulation(c)[at.row]  # (M, 6D)
+            mods = self.adaLN_modulation(c).index_select(0, at.row)  # (M, 6D)
 
             def attn(h):
                 a, out["kv"] = self.attn.forward_packed(h, kv, at)
