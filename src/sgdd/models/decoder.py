@@ -466,26 +466,24 @@ class Decoder(nn.Module):
                               "self-conditioning or z_positions; set sampling.kv_refresh: 0")
         B, L = x_t.shape
         c, z = self._condition_rows(x_t, t, z, uncond)
+        at = None  # the first pass runs every position; later ones the packed positions of kv.positions
         if kv.cache is None:
-            h = self.emb_drop(self.emb_norm(self.tok_emb(x_t) + self.pos_emb[:L]))
-            cache = []
-            for block in self.blocks:
-                h, pair = block.forward_kv(h, c)
-                cache.append(pair)
-            kv.cache = cache
-            return h, c, z
-        idx = kv.positions
-        valid = torch.ones_like(idx, dtype=torch.bool) if kv.valid is None else kv.valid
-        row, slot = valid.nonzero(as_tuple=True)  # (M,) row-major
-        at = PackedPositions(row, idx[row, slot], slot, idx.shape[1])
-        h = self.emb_drop(self.emb_norm(self.tok_emb(x_t[row, at.pos]) + self.pos_emb.index_select(0, at.pos)))
+            h = self.tok_emb(x_t) + self.pos_emb[:L]
+        else:
+            idx = kv.positions
+            valid = torch.ones_like(idx, dtype=torch.bool) if kv.valid is None else kv.valid
+            row, slot = valid.nonzero(as_tuple=True)  # (M,) row-major
+            at = PackedPositions(row, idx[row, slot], slot, idx.shape[1])
+            h = self.tok_emb(x_t[row, at.pos]) + self.pos_emb.index_select(0, at.pos)  # (M, D)
+        h = self.emb_drop(self.emb_norm(h))
         cache = []
         for i, block in enumerate(self.blocks):
-            h, pair = block.forward_kv(h, c, kv.cache[i], at)
+            h, pair = block.forward_kv(h, c, None if at is None else kv.cache[i], at)
             cache.append(pair)
         kv.cache = cache
-        D = h.shape[-1]  # zero outside the positions run
-        h = h.new_zeros(B * L, D).index_copy_(0, row * L + at.pos, h).view(B, L, D)
+        if at is not None:  # back to (B, L, D), zero outside the positions run
+            D = h.shape[-1]
+            h = h.new_zeros(B * L, D).index_copy_(0, at.row * L + at.pos, h).view(B, L, D)
         return h, c, z
 
     def prepare_shortlist(self, shared: torch.Tensor, per_row: torch.Tensor) -> Shortlist:
