@@ -182,7 +182,7 @@ def test_kv_refresh_settings_are_validated():
     with pytest.raises(ConfigError, match="sampling.kv_refresh must be >= 0"):
         validate_config(cfg)
     cfg = Config()
-    cfg.sampling.kv_refresh, cfg.model.prefix_tokens = 4, 2
+    cfg.sampling.kv_refresh, cfg.model.z_positions = 4, True
     validate_config(cfg)  # a one-line model swap stays valid: such decoders decode without reuse (a warning)
 
 

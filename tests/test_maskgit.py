@@ -652,7 +652,7 @@ def test_kv_refresh_reuses_keys_and_values_of_unchanged_positions(scale):
     assert (reused[torch.arange(9)[None].expand(3, -1) >= lengths[:, None]] == PAD).all()
 
 
-@pytest.mark.parametrize("field", ["prefix_tokens", "self_condition"])
+@pytest.mark.parametrize("field", ["z_positions", "self_condition"])
 def test_kv_refresh_falls_back_with_a_warning_for_decoders_that_cannot_reuse(caplog, field):
     from sgdd.config import ModelConfig
     from sgdd.diffusion import build_process
@@ -660,7 +660,7 @@ def test_kv_refresh_falls_back_with_a_warning_for_decoders_that_cannot_reuse(cap
 
     torch.manual_seed(0)
     mc = ModelConfig(init_from="scratch", num_layers=1, hidden_size=32, num_heads=4, latent_dim=2,
-                     **({"prefix_tokens": 2} if field == "prefix_tokens" else {"self_condition": True}))
+                     **{field: True})
     dec = Decoder(mc, V, 16).eval()
     assert not dec.supports_kv
     process = build_process(make_cfg())

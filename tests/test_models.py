@@ -501,16 +501,16 @@ def test_shortlist_logits_are_the_full_logits_at_the_shared_and_row_ids(tied):
 # reused keys / values (sampling.kv_refresh)
 
 
-@pytest.mark.parametrize("bow", [False, True])
-@pytest.mark.parametrize("pretrained", [False, True])
-def test_kv_passes_match_the_plain_forward(pretrained, bow, request):
+@pytest.mark.parametrize("pretrained,bow,prefix", [(False, False, 0), (False, True, 0), (True, False, 0),
+                                                    (True, True, 0), (False, True, 2), (True, True, 3)])
+def test_kv_passes_match_the_plain_forward(pretrained, bow, prefix, request):
     from sgdd.models.decoder import KVState
 
     if pretrained:
-        dec, _ = minilm_decoder(request.getfixturevalue("minilm"), num_layers=2, bow_head=bow)
+        dec, _ = minilm_decoder(request.getfixturevalue("minilm"), num_layers=2, bow_head=bow, prefix_tokens=prefix)
         Lx = 12
     else:
-        dec, Lx = Decoder(tiny_cfg(bow_head=bow), V, L).eval(), L
+        dec, Lx = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix), V, L).eval(), L
     perturb_modulation(dec)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(3, V, (3, Lx), generator=g)
@@ -525,7 +525,7 @@ def test_kv_passes_match_the_plain_forward(pretrained, bow, request):
         assert torch.allclose(full, ref, atol=1e-5)
         assert len(state.cache) == len(dec.blocks)
         H = dec.blocks[0].attn.num_heads
-        assert state.cache[0][0].shape == (3, H, Lx, dec.blocks[0].attn.head_dim)
+        assert state.cache[0][0].shape == (3, H, prefix + Lx, dec.blocks[0].attn.head_dim)  # prefix entries first
         # with the cache of the same state, running only the masked positions (+ a repeat) gives the same logits
         positions = torch.tensor([[4, 5, 6, 4]] * 3)
         part = dec(x, t, z, select=select, kv=KVState(state.cache, positions))
@@ -554,7 +554,7 @@ def test_kv_is_refused_where_the_cache_would_be_wrong():
     from sgdd.models.decoder import KVState
 
     x, t, z = inputs()
-    for kw in (dict(prefix_tokens=2), dict(positions="both")):
+    for kw in (dict(positions="both"), dict(z_positions=True)):
         dec = Decoder(tiny_cfg(**kw), V, L).eval()
         with pytest.raises(ConfigError, match="kv_refresh"):
             dec(x, t, z, kv=KVState())

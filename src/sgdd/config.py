@@ -195,7 +195,8 @@ class SamplingConfig:
     # MaskGIT: reuse keys / values across steps (approximate). 0 = off: every step runs every position. r > 0:
     # steps 1, 1 + r, 1 + 2r, ... run every position; the others run only the masked positions and those whose
     # token changed since they last ran, attending to the stored keys / values of the rest (PAD tail included).
-    # Decoders with prefix tokens, RoPE, self-conditioning or z_positions decode without reuse (a warning)
+    # Decoders with RoPE, self-conditioning or z_positions decode without reuse (a warning); prefix tokens are
+    # run in the full passes and kept in between
     kv_refresh: int = 0
     # MaskGIT with guidance: the null (unconditional) pass runs only at steps 1, 1 + g, 1 + 2g, ...; the other
     # steps run the conditional pass alone and add each masked position's last guidance direction (conditional

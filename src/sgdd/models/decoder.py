@@ -454,21 +454,26 @@ class Decoder(nn.Module):
 
     @property
     def supports_kv(self) -> bool:
-        """Whether forward(kv=...) can run this decoder: learned positions only, no prefix tokens, no
-        self-conditioning, no z_positions (their inputs are not per-position token embeddings)."""
-        return not (self.num_prefix or self.pos_emb is None or self.rope_cos is not None or self.sc_proj is not None
+        """Whether forward(kv=...) can run this decoder: learned positions only, no self-conditioning, no
+        z_positions (their inputs are not per-position token embeddings). Prefix tokens are run in full passes and
+        kept, like any position not run, in between."""
+        return not (self.pos_emb is None or self.rope_cos is not None or self.sc_proj is not None
                     or self.z_pos is not None)
 
     def _hidden_kv(self, x_t, t, z, uncond, kv: KVState):
         """_hidden with reused keys / values (see forward): (h (B, L, D) zero outside kv.positions, c, z')."""
         if not self.supports_kv:
-            raise ConfigError("sampling.kv_refresh supports decoders with learned positions and without prefix tokens, "
+            raise ConfigError("sampling.kv_refresh supports decoders with learned positions and without "
                               "self-conditioning or z_positions; set sampling.kv_refresh: 0")
         B, L = x_t.shape
+        P = self.num_prefix  # the cache holds P prefix entries, then the L positions
         c, z = self._condition_rows(x_t, t, z, uncond)
         at = None  # the first pass runs every position; later ones the packed positions of kv.positions
         if kv.cache is None:
             h = self.tok_emb(x_t) + self.pos_emb[:L]
+            if P > 0:
+                prefix = self.prefix_proj(z).view(B, P, -1) + self.prefix_pos  # (B, P, D)
+                h = torch.cat([prefix.to(h.dtype), h], dim=1)  # (B, P + L, D)
         else:
             idx = kv.positions
             valid = torch.ones_like(idx, dtype=torch.bool) if kv.valid is None else kv.valid
@@ -476,12 +481,15 @@ class Decoder(nn.Module):
             at = PackedPositions(row, idx[row, slot], slot, idx.shape[1])
             h = self.tok_emb(x_t[row, at.pos]) + self.pos_emb.index_select(0, at.pos)  # (M, D)
         h = self.emb_drop(self.emb_norm(h))
+        at_cache = at if at is None or P == 0 else PackedPositions(at.row, at.pos + P, at.slot, at.width)
         cache = []
         for i, block in enumerate(self.blocks):
-            h, pair = block.forward_kv(h, c, None if at is None else kv.cache[i], at)
+            h, pair = block.forward_kv(h, c, None if at is None else kv.cache[i], at_cache)
             cache.append(pair)
         kv.cache = cache
-        if at is not None:  # back to (B, L, D), zero outside the positions run
+        if at is None:
+            h = h[:, P:]
+        else:  # back to (B, L, D), zero outside the positions run
             D = h.shape[-1]
             h = h.new_zeros(B * L, D).index_copy_(0, at.row * L + at.pos, h).view(B, L, D)
         return h, c, z

@@ -54,8 +54,9 @@ Key / value reuse (sampling.kv_refresh = R > 0): steps 1, 1 + R, ... run every p
 keep each block's keys and values (per guidance pass); the other steps run only the masked positions and those
 whose id changed since their entry was computed, attending to the kept entries of the rest (PAD tail included),
 and update the kept entries where they ran (Decoder.forward(kv=KVState)). Approximate: kept entries come from an
-earlier state and time input. Measured in bench/RESULTS.md ("Ninth round"). Decoders that cannot (prefix tokens,
-RoPE, self-conditioning, z_positions: Decoder.supports_kv) decode without reuse, with a warning.
+earlier state and time input. Measured in bench/RESULTS.md ("Ninth round"). Prefix tokens run in the full passes and are
+kept in between. Decoders that cannot (RoPE, self-conditioning, z_positions: Decoder.supports_kv) decode without
+reuse, with a warning.
 Null-pass reuse (sampling.guidance_refresh = G > 0, with guidance, cfg_scale not 0 or 1): the null
 (unconditional) pass of classifier-free guidance runs only at steps 1, 1 + G, ...; there the guidance direction
 cond - null is kept for every masked position (NullReuse). The other steps run the conditional pass alone and
@@ -484,7 +485,7 @@ class MaskGITSampler(Sampler):
         n = valid.sum(dim=1)  # (B,) positions to decode per row
         reuse_kv = s.kv_refresh > 0
         if reuse_kv and not getattr(model, "supports_kv", False):
-            log.warning("sampling.kv_refresh: this decoder (prefix tokens, RoPE, self-conditioning or z_positions) "
+            log.warning("sampling.kv_refresh: this decoder (RoPE, self-conditioning or z_positions) "
                         "cannot reuse keys / values; decoding without reuse. Set sampling.kv_refresh: 0 to silence "
                         "this.")
             reuse_kv = False
