@@ -348,6 +348,13 @@ class Decoder(nn.Module):
             t = t.expand(B)
         return self.condition(t, z, uncond)
 
+    def _prepend_prefix(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """h (B, L, D) with the P prefix tokens made from z' (B, Dz) in front: (B, P + L, D); h itself when P = 0."""
+        if self.num_prefix == 0:
+            return h
+        prefix = self.prefix_proj(z).view(h.shape[0], self.num_prefix, -1) + self.prefix_pos  # (B, P, D)
+        return torch.cat([prefix.to(h.dtype), h], dim=1)
+
     def _hidden(
         self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None,
         sc: torch.Tensor | None = None,
@@ -369,10 +376,7 @@ class Decoder(nn.Module):
                 est = self.sc_proj(sc.to(h.dtype))  # (B, L, D)
             h = h + est * (x_t == MASK_ID).unsqueeze(-1).to(h.dtype)
         P = self.num_prefix
-        if P > 0:
-            prefix = self.prefix_proj(z).view(B, P, -1) + self.prefix_pos  # (B, P, D)
-            h = torch.cat([prefix.to(h.dtype), h], dim=1)  # (B, P + L, D)
-        h = self.emb_drop(self.emb_norm(h))
+        h = self.emb_drop(self.emb_norm(self._prepend_prefix(h, z)))
         rope = None
         if self.rope_cos is not None:
             rope = (self.rope_cos[: P + L], self.rope_sin[: P + L])
@@ -470,10 +474,7 @@ class Decoder(nn.Module):
         c, z = self._condition_rows(x_t, t, z, uncond)
         at = None  # the first pass runs every position; later ones the packed positions of kv.positions
         if kv.cache is None:
-            h = self.tok_emb(x_t) + self.pos_emb[:L]
-            if P > 0:
-                prefix = self.prefix_proj(z).view(B, P, -1) + self.prefix_pos  # (B, P, D)
-                h = torch.cat([prefix.to(h.dtype), h], dim=1)  # (B, P + L, D)
+            h = self._prepend_prefix(self.tok_emb(x_t) + self.pos_emb[:L], z)
         else:
             idx = kv.positions
             valid = torch.ones_like(idx, dtype=torch.bool) if kv.valid is None else kv.valid
