@@ -34,6 +34,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--output", help="write the rows as JSON here")
     ap.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    ap.add_argument("--raw", action="store_true", help="decode with the raw weights instead of the EMA weights")
     args = ap.parse_args()
 
     from sgdd.cli import read_sentences
@@ -57,14 +58,16 @@ def main() -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    model = SGDD.from_pretrained(args.checkpoint, device=args.device)
+    model = SGDD.from_pretrained(args.checkpoint, device=args.device, ema=not args.raw)
     pool = read_sentences(args.data) if args.data else load_corpus(model.cfg, valid_only=True).valid
     refs = pool[args.start : args.end]
     if not refs:
         raise ConfigError(f"no sentences in {args.start}..{args.end} (the set has {len(pool)})")
     roundtrip = reference_roundtrip(refs, model.vocab)
     rows = []
-    print(f"{args.checkpoint}: sentences {args.start}..{args.start + len(refs)} ({len(refs)})", flush=True)
+    weights = "raw" if args.raw else "EMA"
+    print(f"{args.checkpoint} ({weights} weights): sentences {args.start}..{args.start + len(refs)} ({len(refs)})",
+          flush=True)
     for setting in grid:
         t0 = time.perf_counter()
         hyps = model.reconstruct(refs, seed=args.seed, **setting)
@@ -84,7 +87,8 @@ def main() -> int:
               f"{seconds:.0f} s", flush=True)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"checkpoint": args.checkpoint, "rows": rows}, indent=2))
+        out = {"checkpoint": args.checkpoint, "weights": weights.lower(), "rows": rows}
+        Path(args.output).write_text(json.dumps(out, indent=2))
     return 0
 
 

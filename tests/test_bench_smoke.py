@@ -314,6 +314,10 @@ def test_decode_grid_smoke(tiny_checkpoint, tmp_path):
     assert [r["setting"] for r in rows] == [{"steps": 2}, {"steps": 3, "cfg_scale": 1.0, "repeat_penalty": 2.0}]
     assert all(r["sentences"] == 2 and r["seconds"] > 0 and 0 <= r["bleu_roundtrip"] <= 100 for r in rows)
     assert proc.stdout.count("BLEU") == 2
+    assert json.loads(out.read_text())["weights"] == "ema" and "(EMA weights)" in proc.stdout
+    raw = subprocess.run([*base, "--grid", '[{"steps": 2}]', "--raw", "--output", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert raw.returncode == 0 and json.loads(out.read_text())["weights"] == "raw" and "(raw weights)" in raw.stdout
     bad = subprocess.run([*base, "--grid", "{steps: 2}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env=env)
     assert bad.returncode == 2 and "--grid is not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
