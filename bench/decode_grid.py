@@ -7,8 +7,8 @@ Each grid entry is a dict of SamplingConfig fields applied on top of the checkpo
 dict = the checkpoint's own settings). Sentences: lines START..END of the checkpoint config's validation split
 (filtered as training filters it), or of --data FILE. Prints one line per setting: BLEU and token F1 against
 the tokenizer round trip of the reference (what an uncased vocabulary can reach), BLEU against the raw input,
-the length ratio and the wall-clock decoding time; --output writes them as JSON. Used for the sampler
-experiments in bench/RESULTS.md.
+the length ratio and the wall-clock decoding time; --output writes them as JSON. --raw decodes the checkpoint's
+raw weights instead of its EMA weights. Used for the sampler experiments in bench/RESULTS.md.
 """
 
 from __future__ import annotations
