@@ -37,6 +37,19 @@ def test_from_pretrained_applies_the_cli_allocator_settings(tiny_checkpoint, mon
     assert calls == ["tuned"]
 
 
+def test_from_pretrained_loads_the_ema_or_the_raw_weights(tiny_checkpoint):
+    """ema=True (the default) loads ema.safetensors, ema=False model.safetensors (bench/decode_grid.py --raw)."""
+    from sgdd.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert ckpt.ema_state is not None
+    differ = [k for k in ckpt.model_state if not torch.equal(ckpt.model_state[k], ckpt.ema_state[k])]
+    assert differ  # a trained tiny checkpoint: the EMA lags the raw weights
+    for ema, want in ((True, ckpt.ema_state), (False, ckpt.model_state)):
+        state = SGDD.from_pretrained(tiny_checkpoint, device="cpu", ema=ema).net.state_dict()
+        assert all(torch.equal(state[k].float(), want[k].float()) for k in differ)
+
+
 def test_reconstruct_paraphrase_interpolate_shapes(model, sentences):
     outs = model.reconstruct(sentences)
     assert len(outs) == len(sentences) and all(isinstance(o, str) for o in outs)
