@@ -341,3 +341,25 @@ def test_train_batches_are_representative_of_the_epochs_lengths():
     padded = [max(lengths[i] for i in idx) for idx in chosen]
     assert padded == sorted(padded) and padded[0] < padded[-1]  # spread over the quantiles, short to long
     assert abs(np.mean(padded) - epoch_mean) < 0.1 * epoch_mean
+
+
+def test_vector_probe_smoke(tmp_path):
+    """bench/vector_probe.py encodes word-order variants of a few sentences; the climb only ever raises the cosine."""
+    data = tmp_path / "s.txt"
+    data.write_text("The cat sat on the mat by the door.\nIt rained all day and the roads were wet.\n"
+                    "She laughed at him.\nWell.\n", encoding="utf-8")
+    out = tmp_path / "probe.json"
+    env = {**bench_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(ROOT / "bench" / "vector_probe.py"), "--config", CONFIG, "--data", str(data)]
+    proc = subprocess.run([*base, "--end", "4", "--shuffles", "3", "--climb-rounds", "2", "--moves", "3",
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert res["sentences"] == 3  # "Well." has no word order to probe
+    assert res["cos_climb"] >= res["cos_random_order"] - 1e-6
+    assert res["cos_adjacent_swap"] > res["cos_other_sentence"]
+    assert 0 <= res["order_identified"] <= 100 and 0 <= res["bleu_exact_words_climb"] <= 100
+    assert "hill climb on the cosine" in proc.stdout
+    bad = subprocess.run([*base, "--start", "3", "--end", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert bad.returncode == 2 and "need 0 <= --start < --end" in bad.stderr and "Traceback" not in bad.stderr
