@@ -343,7 +343,7 @@ def test_train_batches_are_representative_of_the_epochs_lengths():
     assert abs(np.mean(padded) - epoch_mean) < 0.1 * epoch_mean
 
 
-def test_vector_probe_smoke(tmp_path):
+def test_vector_probe_smoke(tiny_checkpoint, tmp_path):
     """bench/vector_probe.py encodes word-order variants of a few sentences; the climb only ever raises the cosine."""
     data = tmp_path / "s.txt"
     data.write_text("The cat sat on the mat by the door.\nIt rained all day and the roads were wet.\n"
@@ -363,3 +363,13 @@ def test_vector_probe_smoke(tmp_path):
     bad = subprocess.run([*base, "--start", "3", "--end", "1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env=env)
     assert bad.returncode == 2 and "need 0 <= --start < --end" in bad.stderr and "Traceback" not in bad.stderr
+    # with a checkpoint: its outputs, then their words re-ordered (the same bag of words: token F1 cannot move)
+    proc = subprocess.run([*base, "--checkpoint", str(tiny_checkpoint), "--end", "4", "--shuffles", "2",
+                           "--climb-rounds", "2", "--moves", "2", "--setting", '{"steps": 2}', "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    res = got["results"]
+    assert got["setting"] == {"steps": 2} and got["checkpoint"] == str(tiny_checkpoint)
+    assert res["cos_decoded_climb"] >= res["cos_decoded"] - 1e-6 and 0 <= res["bleu_decoded_climb"] <= 100
+    assert "re-ordered by the climb" in proc.stdout
