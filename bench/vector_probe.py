@@ -11,10 +11,9 @@ All cosines are to the input sentence's vector, what a decoder conditions on. Wi
 reports:
 
 - the mean cosine to: the round trip; one adjacent pair of words swapped; one word dropped; the words shuffled;
-  another sentence of the set; one adjacent pair of words swapped, one word
-  dropped, all words shuffled, another sentence of the set;
-- order identifiability: how often the sentence's own vector is closer to the sentence than to every one of K
-  random orders of its words;
+  another sentence of the set;
+- order identifiability: how often the round trip is closer to the input's vector than every one of K random
+  orders of its words;
 - BLEU (against the round trip) of three decoders that know every word of the sentence, the bag of words, and
   differ only in how they order it: a random order; the order closest to the vector among K random ones; and a
   hill climb on the cosine (from a random order, each round tries every adjacent swap and `--moves` random
@@ -121,6 +120,9 @@ def main() -> int:
 
     if not 0 <= args.start < args.end:
         raise ConfigError(f"need 0 <= --start < --end, got {args.start} and {args.end}")
+    if args.checkpoint and args.overrides:
+        raise ConfigError("config overrides apply to --config; with --checkpoint the checkpoint's config is used "
+                          "(sampling settings go in --setting)")
     if args.shuffles < 1 or args.climb_rounds < 0 or args.moves < 0:
         raise ConfigError("--shuffles must be >= 1, --climb-rounds and --moves >= 0")
 
@@ -239,10 +241,11 @@ def main() -> int:
     results["encoder_calls"] = calls
     results["seconds"] = time.perf_counter() - t0
 
-    print(f"{args.checkpoint or args.config} encoder {cfg.encoder.name}: {n} sentences ({args.start}..{args.end}), seed {args.seed}")
-    print(f"  cosine to the input: its round trip {results['cos_roundtrip']:.3f}, adjacent swap {results['cos_adjacent_swap']:.3f}, one word dropped "
-          f"{results['cos_one_word_dropped']:.3f}, shuffled {results['cos_shuffled']:.3f}, another sentence "
-          f"{results['cos_other_sentence']:.3f}")
+    print(f"{args.checkpoint or args.config} encoder {cfg.encoder.name}: {n} sentences ({args.start}..{args.end}), "
+          f"seed {args.seed}")
+    print(f"  cosine to the input: its round trip {results['cos_roundtrip']:.3f}, adjacent swap "
+          f"{results['cos_adjacent_swap']:.3f}, one word dropped {results['cos_one_word_dropped']:.3f}, shuffled "
+          f"{results['cos_shuffled']:.3f}, another sentence {results['cos_other_sentence']:.3f}")
     print(f"  the sentence closer to its vector than all {args.shuffles} shuffles: {results['order_identified']:.1f} %")
     line = (f"  BLEU with every word known: random order {results['bleu_exact_words_random_order']:.2f}, "
             f"best of {args.shuffles} by cosine {results['bleu_exact_words_best_of_k']:.2f}")
@@ -260,8 +263,9 @@ def main() -> int:
     print(f"  {results['encoder_calls']} encoder calls, {results['seconds']:.0f} s")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        out = {"config": args.config, "checkpoint": args.checkpoint, "setting": setting, "encoder": cfg.encoder.name, "data": args.data, "start": args.start,
-               "end": args.end, "shuffles": args.shuffles, "climb_rounds": args.climb_rounds, "moves": args.moves,
+        out = {"config": None if args.checkpoint else args.config, "checkpoint": args.checkpoint, "setting": setting,
+               "encoder": cfg.encoder.name, "data": args.data, "start": args.start, "end": args.end,
+               "shuffles": args.shuffles, "climb_rounds": args.climb_rounds, "moves": args.moves,
                "seed": args.seed, "results": results}
         Path(args.output).write_text(json.dumps(out, indent=2))
     return 0

@@ -373,3 +373,6 @@ def test_vector_probe_smoke(tiny_checkpoint, tmp_path):
     assert got["setting"] == {"steps": 2} and got["checkpoint"] == str(tiny_checkpoint)
     assert res["cos_decoded_climb"] >= res["cos_decoded"] - 1e-6 and 0 <= res["bleu_decoded_climb"] <= 100
     assert "re-ordered by the climb" in proc.stdout
+    both = subprocess.run([*base, "--checkpoint", str(tiny_checkpoint), "encoder.pooling=cls"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert both.returncode == 2 and "with --checkpoint the checkpoint's config is used" in both.stderr
