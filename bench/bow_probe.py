@@ -71,7 +71,7 @@ def build_probe(in_dim: int, hidden: int, layers: int, V: int):
     return nn.Sequential(*mods)
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -96,6 +96,10 @@ def main(argv=None) -> dict:
     p.add_argument("--output", help="JSON file for the evaluation curve")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = p.parse_args(argv)
+    from sgdd.registry import ConfigError
+
+    if args.minutes <= 0 or args.hidden <= 0 or args.layers < 0 or args.batch <= 0 or args.eval_every <= 0:
+        raise ConfigError("--minutes, --hidden, --batch and --eval-every must be positive, --layers >= 0")
 
     torch.manual_seed(args.seed)
     cfg = load_config(args.config, args.overrides)
@@ -169,8 +173,10 @@ def main(argv=None) -> dict:
     result = {"args": vars(args), "params": n_params, "vocab": V, "curve": curve, "final": curve[-1]}
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from sgdd.cli import run_main
+
+    run_main(main)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_overrides
 
 from sgdd.config import load_config
 
@@ -376,3 +377,50 @@ def test_vector_probe_smoke(tiny_checkpoint, tmp_path):
     both = subprocess.run([*base, "--checkpoint", str(tiny_checkpoint), "encoder.pooling=cls"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env=env)
     assert both.returncode == 2 and "with --checkpoint the checkpoint's config is used" in both.stderr
+
+
+def test_bow_probe_smoke(tiny_corpus, tmp_path):
+    """bench/bow_probe.py trains its probe on the cached vectors for a few seconds and reports held-out recalls."""
+    out = tmp_path / "bow.json"
+    env = {**bench_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(ROOT / "bench" / "bow_probe.py"), "--config", CONFIG]
+    proc = subprocess.run([*base, "--minutes", "0.05", "--hidden", "32", "--batch", "16", "--eval-every", "1",
+                           "--output", str(out), *tiny_overrides(tiny_corpus, tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    final = got["final"]
+    assert len(got["curve"]) >= 2 and final["step"] > 0 and final["sentences"] == final["step"] * 16
+    for key in ("recall", "recall_2x", "content_recall"):
+        assert 0.0 <= final[key] <= 1.0
+    assert final["recall_2x"] >= final["recall"]  # a longer top list finds at least as many
+    bad = subprocess.run([*base, "--minutes", "0", *tiny_overrides(tiny_corpus, tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "--minutes" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bag_oracle_smoke(tiny_checkpoint, tmp_path, real_sentences):
+    """bench/bag_oracle.py decodes with the head's bag and with the oracle bag of a bag-token checkpoint; a
+    checkpoint without bag tokens is refused with a message."""
+    from sgdd.training import train
+
+    cfg = load_config(None, tiny_train_overrides(tmp_path, real_sentences[:64], **{
+        "model.bag_tokens": 4, "model.bag_skip_frequent": 5, "training.latent_pretrain_steps": 3,
+        "training.max_steps": 6, "training.eval_every": 0, "training.save_every": 0}))
+    ckpt = train(cfg).run_dir / "latest"
+    data = tmp_path / "s.txt"
+    data.write_text("The cat sat on the mat by the door.\nIt rained all day and the roads were wet.\n",
+                    encoding="utf-8")
+    out = tmp_path / "oracle.json"
+    env = {**bench_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(ROOT / "bench" / "bag_oracle.py"), "--data", str(data), "--end", "2"]
+    proc = subprocess.run([*base, "--checkpoint", str(ckpt), "--setting", '{"steps": 2}', "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["bag"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"head", "oracle"}
+    assert rows["oracle"]["bag_recall"] >= rows["head"]["bag_recall"]
+    assert rows["oracle"]["replaced"] > 0 and all(0 <= r["bleu_roundtrip"] <= 100 for r in rows.values())
+    refused = subprocess.run([*base, "--checkpoint", str(tiny_checkpoint)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert refused.returncode == 2 and "no bag tokens" in refused.stderr and "Traceback" not in refused.stderr
