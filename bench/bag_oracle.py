@@ -1,5 +1,5 @@
 """How much a better bag would buy a bag-token decoder (model.bag_tokens > 0): decode the same held-out sentences
-with the bag its own head predicts and with an oracle bag; no training.
+with the bag its own head predicts, with an oracle bag and with another sentence's bag; no training.
 
     uv run python bench/bag_oracle.py --checkpoint checkpoints/RUN/latest --end 400 \\
         --setting '{"steps": 16, "cfg_scale": 1.5}'
@@ -8,7 +8,8 @@ The oracle bag of a sentence holds its own content ids (the ids its bag may hold
 and the specials left out), up to K of them, ranked by the head's scores, and fills the remaining slots with the
 head's best other ids. It is a diagnostic, not a decoding option: the true words are not known at decoding time.
 If the oracle decodes far better than the head's own bag, the bag's quality is the lever (a stronger bag-of-words
-predictor); if not, the decoder does not use what the bag offers.
+predictor); if not, the decoder does not use what the bag offers. The third bag, the head's bag of the next
+sentence in the set, is the control: how far the decoder leans on its bag at all.
 
 Prints BLEU / token F1 against the tokenizer round trip, BLEU against the raw input, the length ratio, and the
 bag's recall of the sentence's content ids, for each bag; --output writes JSON. The oracle bag reaches the
@@ -92,7 +93,8 @@ def main() -> int:
     def recall(bags) -> float:
         return sum(len(set(c) & set(b.tolist())) for c, b in zip(content, bags, strict=True)) / max(1, n_content)
 
-    bags = {"head": head, "oracle": oracle_bags(head, content)}
+    # control: each sentence gets the head's bag of the next sentence (a bag that fits another meaning)
+    bags = {"head": head, "oracle": oracle_bags(head, content), "other": head.roll(1, dims=0)}
     original = dec.bag_ids
     rows = []
     for name, table in bags.items():

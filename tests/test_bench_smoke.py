@@ -418,7 +418,7 @@ def test_bag_oracle_smoke(tiny_checkpoint, tmp_path, real_sentences):
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["bag"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"head", "oracle"}
+    assert set(rows) == {"head", "oracle", "other"}
     assert rows["oracle"]["bag_recall"] >= rows["head"]["bag_recall"]
     assert rows["oracle"]["replaced"] > 0 and all(0 <= r["bleu_roundtrip"] <= 100 for r in rows.values())
     refused = subprocess.run([*base, "--checkpoint", str(tiny_checkpoint)], cwd=ROOT, capture_output=True, text=True,
