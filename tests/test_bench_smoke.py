@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_train_overrides
 
 from sgdd.config import load_config
 
@@ -398,29 +397,3 @@ def test_bow_probe_smoke(tiny_corpus, tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 2 and "--minutes" in bad.stderr and "Traceback" not in bad.stderr
 
-
-def test_bag_oracle_smoke(tiny_checkpoint, tmp_path, real_sentences):
-    """bench/bag_oracle.py decodes with the head's bag and with the oracle bag of a bag-token checkpoint; a
-    checkpoint without bag tokens is refused with a message."""
-    from sgdd.training import train
-
-    cfg = load_config(None, tiny_train_overrides(tmp_path, real_sentences[:64], **{
-        "model.bag_tokens": 4, "model.bag_skip_frequent": 5, "training.latent_pretrain_steps": 3,
-        "training.max_steps": 6, "training.eval_every": 0, "training.save_every": 0}))
-    ckpt = train(cfg).run_dir / "latest"
-    data = tmp_path / "s.txt"
-    data.write_text("The cat sat on the mat by the door.\nIt rained all day and the roads were wet.\n",
-                    encoding="utf-8")
-    out = tmp_path / "oracle.json"
-    env = {**bench_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    base = [sys.executable, str(ROOT / "bench" / "bag_oracle.py"), "--data", str(data), "--end", "2"]
-    proc = subprocess.run([*base, "--checkpoint", str(ckpt), "--setting", '{"steps": 2}', "--output", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {r["bag"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"head", "oracle", "other"}
-    assert rows["oracle"]["bag_recall"] >= rows["head"]["bag_recall"]
-    assert rows["oracle"]["replaced"] > 0 and all(0 <= r["bleu_roundtrip"] <= 100 for r in rows.values())
-    refused = subprocess.run([*base, "--checkpoint", str(tiny_checkpoint)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=600, env=env)
-    assert refused.returncode == 2 and "no bag tokens" in refused.stderr and "Traceback" not in refused.stderr

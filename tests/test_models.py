@@ -501,19 +501,16 @@ def test_shortlist_logits_are_the_full_logits_at_the_shared_and_row_ids(tied):
 # reused keys / values (sampling.kv_refresh)
 
 
-@pytest.mark.parametrize("pretrained,bow,prefix,bag", [(False, False, 0, 0), (False, True, 0, 0), (True, False, 0, 0),
-                                                        (True, True, 0, 0), (False, True, 2, 0), (True, True, 3, 0),
-                                                        (False, True, 0, 4), (True, True, 2, 3)])
-def test_kv_passes_match_the_plain_forward(pretrained, bow, prefix, bag, request):
+@pytest.mark.parametrize("pretrained,bow,prefix", [(False, False, 0), (False, True, 0), (True, False, 0),
+                                                    (True, True, 0), (False, True, 2), (True, True, 3)])
+def test_kv_passes_match_the_plain_forward(pretrained, bow, prefix, request):
     from sgdd.models.decoder import KVState
 
     if pretrained:
-        dec, _ = minilm_decoder(request.getfixturevalue("minilm"), num_layers=2, bow_head=bow, prefix_tokens=prefix,
-                                bag_tokens=bag)
+        dec, _ = minilm_decoder(request.getfixturevalue("minilm"), num_layers=2, bow_head=bow, prefix_tokens=prefix)
         Lx = 12
     else:
-        dec, Lx = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix, bag_tokens=bag), V, L).eval(), L
-    prefix += bag  # the cache holds the z-made prefix, then the bag tokens, then the sequence
+        dec, Lx = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix), V, L).eval(), L
     perturb_modulation(dec)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(3, V, (3, Lx), generator=g)
@@ -561,41 +558,3 @@ def test_kv_is_refused_where_the_cache_would_be_wrong():
         dec = Decoder(tiny_cfg(**kw), V, L).eval()
         with pytest.raises(ConfigError, match="kv_refresh"):
             dec(x, t, z, kv=KVState())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# bag tokens (model.bag_tokens)
-
-
-def test_bag_tokens_are_the_heads_best_allowed_ids_and_reach_the_output():
-    dec = Decoder(tiny_cfg(bag_tokens=4, bag_skip_frequent=5), V, L).eval()
-    perturb_modulation(dec)
-    counts = torch.arange(V, 0, -1)  # id 3 is the most frequent corpus id, then 4, ...
-    dec.set_bag_vocabulary(counts)
-    assert not dec.bag_allowed[:8].any() and dec.bag_allowed[8:].all()  # specials + the 5 most frequent out
-    x, t, z = inputs()
-    with torch.no_grad():
-        # make a frequent id the head's favourite: it must still stay out of the bag
-        dec.bow_bias[3] = 50.0
-        ids = dec.bag_ids(z)
-        scores = dec.bow_logits(z)
-        assert ids.shape == (3, 4) and bool((ids >= 8).all())
-        expect = scores[:, 8:].topk(4, dim=1).indices + 8
-        assert torch.equal(ids, expect)
-        ref = dec(x, t, z)
-        # other words in the bag change the output: the decoder reads them
-        dec.bow_bias[ids[0, 0]] = -50.0
-        assert not torch.equal(dec.bag_ids(z)[0], ids[0])
-        assert not torch.allclose(dec(x, t, z)[0], ref[0], atol=1e-4)
-
-
-def test_bag_tokens_are_checked():
-    with pytest.raises(ConfigError, match="bow_head"):
-        Decoder(tiny_cfg(bag_tokens=4, bow_head=False), V, L)
-    dec = Decoder(tiny_cfg(bag_tokens=30, bag_skip_frequent=10), V, L)
-    with pytest.raises(ConfigError, match="bag_tokens"):
-        dec.set_bag_vocabulary(torch.arange(V, 0, -1))
-    with pytest.raises(ConfigError, match="bag_tokens"):
-        from sgdd.config import load_config
-
-        load_config(None, ["model.bag_tokens=4", "model.bow_head=false", "sampling.shortlist=0"])

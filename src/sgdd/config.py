@@ -36,12 +36,6 @@ class ModelConfig:
     positions: str = "learned"  # learned | rope | both
     latent_dim: int = 256  # VIB latent size D_z
     prefix_tokens: int = 0  # z also enters as this many prefix tokens (0 = AdaLN only)
-    # bag tokens: the K ids the bag-of-words head ranks highest for z (its `bag_skip_frequent` most frequent training
-    # ids left out: they carry little of the meaning) enter as K more prefix tokens, each its token embedding plus a
-    # learned "bag" embedding and no position: the decoder's attention sees candidate words, not only z's
-    # modulation. Needs bow_head; pairs with training.latent_pretrain_steps (a useful bag from step 0). 0 = off
-    bag_tokens: int = 0
-    bag_skip_frequent: int = 100
     # z also enters the input of every [MASK] position through a per-position linear map (zero at init): each
     # hidden position starts from its own guess of its token instead of the shared [MASK] embedding
     z_positions: bool = False
@@ -489,12 +483,6 @@ def validate_config(cfg: Config, where: str = "config") -> None:
     if cfg.sampling.refine > 0 and graph == "uniform":
         raise ConfigError(f"{where}: sampling.refine needs a process with a [MASK] state; the uniform graph has "
                           "none (use diffusion.graph: absorbing or process: masked, or sampling.refine: 0)")
-    if cfg.model.bag_tokens < 0 or cfg.model.bag_skip_frequent < 0:
-        raise ConfigError(f"{where}: model.bag_tokens and model.bag_skip_frequent must be >= 0 (bag_tokens 0 = off), "
-                          f"got {cfg.model.bag_tokens} and {cfg.model.bag_skip_frequent}")
-    if cfg.model.bag_tokens > 0 and not cfg.model.bow_head:
-        raise ConfigError(f"{where}: model.bag_tokens > 0 takes its words from the bag-of-words head; set "
-                          "model.bow_head: true or model.bag_tokens: 0")
     if cfg.training.latent_pretrain_steps < 0:
         raise ConfigError(f"{where}: training.latent_pretrain_steps must be >= 0 (0 = off)")
     if cfg.training.latent_pretrain_steps > 0 and not cfg.model.bow_head:

@@ -418,7 +418,6 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         cfg = dataclasses.replace(cfg, model=ckpt.config.model)
     net = build_net(cfg, len(vocab), data.encoder_dim, vocab.encoder_ids, pretrained).to(device)
     del pretrained
-    net.decoder.set_bag_vocabulary(vocab.counts)  # model.bag_tokens: the most frequent ids stay out of the bag
     pretrain_metrics, pretrain_seconds = {}, 0.0
     if ckpt is None and cfg.training.latent_pretrain_steps > 0:
         pretrain_metrics = pretrain_latent(net, data.train_tokens, data.train_emb, vocab.PAD, cfg, device,

@@ -42,7 +42,7 @@ from sgdd.models.layers import (
 from sgdd.registry import ConfigError
 
 FREQ_DIM = 256  # sinusoidal timestep features before the MLP
-PAD_ID, MASK_ID, EOS_ID = 0, 1, 2  # decoder vocabulary contract (sgdd.data.Vocab)
+PAD_ID, MASK_ID = 0, 1  # decoder vocabulary contract (sgdd.data.Vocab)
 
 
 @dataclass(frozen=True)
@@ -173,11 +173,7 @@ class Decoder(nn.Module):
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.latent_dim = cfg.latent_dim
-        self.num_zprefix = cfg.prefix_tokens
-        self.num_bag = cfg.bag_tokens
-        if self.num_bag > 0 and not cfg.bow_head:
-            raise ConfigError("model.bag_tokens > 0 needs model.bow_head = true (the bag comes from that head)")
-        self.num_prefix = cfg.prefix_tokens + cfg.bag_tokens  # z-made prefix tokens, then the bag tokens
+        self.num_prefix = cfg.prefix_tokens
         self.tie_embeddings = cfg.tie_embeddings
 
         # conditioning c = time MLP + latent MLP; z_null is the classifier-free-guidance null latent
@@ -188,17 +184,9 @@ class Decoder(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, D)
         learned = cfg.positions in ("learned", "both")
         self.pos_emb = nn.Parameter(torch.zeros(max_length, D)) if learned else None
-        if self.num_zprefix > 0:
-            self.prefix_proj = nn.Linear(cfg.latent_dim, self.num_zprefix * D)
-            self.prefix_pos = nn.Parameter(torch.zeros(self.num_zprefix, D))
-        if self.num_bag > 0:
-            # one learned vector marks a bag token (in place of a position: the bag is a set); ids the bag may
-            # hold: all but PAD / MASK / EOS until set_bag_vocabulary leaves out the most frequent training ids
-            self.bag_emb = nn.Parameter(torch.zeros(D))
-            allowed = torch.ones(vocab_size, dtype=torch.bool)
-            allowed[: EOS_ID + 1] = False
-            self.register_buffer("bag_allowed", allowed)
-            self.bag_skip_frequent = cfg.bag_skip_frequent
+        if self.num_prefix > 0:
+            self.prefix_proj = nn.Linear(cfg.latent_dim, self.num_prefix * D)
+            self.prefix_pos = nn.Parameter(torch.zeros(self.num_prefix, D))
         # per-position map z -> (max_length, D) added at [MASK] inputs
         self.z_pos = nn.Linear(cfg.latent_dim, max_length * D) if cfg.z_positions else None
         # self-conditioning: the previous estimate's output features (B, L, D) -> added at [MASK] inputs
@@ -264,10 +252,8 @@ class Decoder(nn.Module):
         nn.init.normal_(self.z_null)  # a prior-like sample; learned
         if self.pos_emb is not None:
             nn.init.normal_(self.pos_emb, std=0.02)
-        if self.num_zprefix > 0:
+        if self.num_prefix > 0:
             nn.init.normal_(self.prefix_pos, std=0.02)
-        if self.num_bag > 0:
-            nn.init.normal_(self.bag_emb, std=0.02)
         if self.sc_proj is not None:  # zero: no estimate and any estimate give the same output at step 0
             nn.init.zeros_(self.sc_proj.weight)
             nn.init.zeros_(self.sc_proj.bias)
@@ -363,39 +349,11 @@ class Decoder(nn.Module):
         return self.condition(t, z, uncond)
 
     def _prepend_prefix(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """h (B, L, D) with the P prefix tokens for z' (B, Dz) in front: (B, P + L, D); h itself when P = 0.
-        The prefix is the z-made tokens (model.prefix_tokens), then the bag tokens (model.bag_tokens)."""
+        """h (B, L, D) with the P prefix tokens made from z' (B, Dz) in front: (B, P + L, D); h itself when P = 0."""
         if self.num_prefix == 0:
             return h
-        parts = []
-        if self.num_zprefix > 0:
-            parts.append(self.prefix_proj(z).view(h.shape[0], self.num_zprefix, -1) + self.prefix_pos)  # (B, Pz, D)
-        if self.num_bag > 0:
-            parts.append(self.tok_emb(self.bag_ids(z)) + self.bag_emb)  # (B, K, D)
-        return torch.cat([p.to(h.dtype) for p in parts] + [h], dim=1)
-
-    @torch.no_grad()
-    def bag_ids(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, Dz) -> (B, K) long: the K allowed ids the bag-of-words head ranks highest, best first. A discrete
-        choice: no gradient reaches the head through it (its own loss trains it)."""
-        s = self.bow_logits(z).float().masked_fill(~self.bag_allowed, float("-inf"))  # (B, V)
-        return s.topk(self.num_bag, dim=1).indices
-
-    @torch.no_grad()
-    def set_bag_vocabulary(self, counts) -> None:
-        """Leave the `bag_skip_frequent` most frequent ids (by training counts (V,)) and the specials out of the bag."""
-        if self.num_bag == 0:
-            return
-        c = torch.as_tensor(counts, dtype=torch.float64).flatten().clone()
-        if c.numel() != self.vocab_size:
-            raise ValueError(f"token counts have {c.numel()} entries, expected {self.vocab_size}")
-        c[: EOS_ID + 1] = float("inf")
-        allowed = torch.ones(self.vocab_size, dtype=torch.bool)
-        allowed[c.argsort(descending=True)[: self.bag_skip_frequent + EOS_ID + 1]] = False
-        if int(allowed.sum()) < self.num_bag:
-            raise ConfigError(f"model.bag_tokens = {self.num_bag} exceeds the {int(allowed.sum())} ids left after "
-                              f"model.bag_skip_frequent = {self.bag_skip_frequent}")
-        self.bag_allowed.copy_(allowed.to(self.bag_allowed.device))
+        prefix = self.prefix_proj(z).view(h.shape[0], self.num_prefix, -1) + self.prefix_pos  # (B, P, D)
+        return torch.cat([prefix.to(h.dtype), h], dim=1)
 
     def _hidden(
         self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None,
