@@ -338,3 +338,30 @@ def test_decoding_flags_map_onto_sampling_fields():
     assert given["rerank"] is None and given["sampler"] is None  # not given = keep the checkpoint's
     with pytest.raises(SystemExit):
         ap.parse_args(["--steps", "many"])
+
+
+def test_trim_heap_returns_freed_heap_pages(monkeypatch):
+    """With the allocator tuned (no mmap, 1 GiB trim threshold) freed blocks stay resident until trim_heap()."""
+    import platform
+
+    from sgdd.cli import resident_mb, trim_heap
+
+    assert resident_mb() > 10
+    if platform.libc_ver()[0] != "glibc":
+        assert trim_heap() is False
+        pytest.skip("glibc only")
+    code = (
+        "from sgdd.cli import tune_malloc, trim_heap, resident_mb\n"
+        "assert tune_malloc()\n"
+        "blocks = [bytearray(64 << 20) for _ in range(8)]\n"
+        "del blocks[:7]\n"
+        "before = resident_mb()\n"
+        "assert trim_heap()\n"
+        "print(before, resident_mb())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SGDD_MALLOPT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = map(float, out.stdout.split())
+    assert before > 400, before  # 7 x 64 MB freed but still resident
+    assert before - after > 350, (before, after)

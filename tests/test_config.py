@@ -148,6 +148,12 @@ def test_betas_must_be_two_numbers():
         load_config(None, ["training.betas=[0.9]"])
 
 
+def test_heap_trim_every_must_not_be_negative():
+    assert load_config(None, ["training.heap_trim_every=1"]).training.heap_trim_every == 1
+    with pytest.raises(ConfigError, match=r"training\.heap_trim_every must be >= 0"):
+        load_config(None, ["training.heap_trim_every=-1"])
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [

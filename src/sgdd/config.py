@@ -147,6 +147,11 @@ class TrainingConfig:
     final_eval: bool = True  # run evaluation at the end of train.py and print BLEU + examples
     final_eval_sentences: int = 200
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
+    # hand the heap's free pages back to the kernel every this many steps (glibc, sgdd.cli.trim_heap); 0 = never.
+    # Training's resident memory grows by heap fragmentation (fiction config: 9.7 GB after 8 minutes, 12.8 GB
+    # after 60; glibc's default settings grow as fast); 1 holds it at 2.3-4.2 GB for 23 % fewer steps, 50 lowers
+    # the resting size but not the peak (bench/RESULTS.md "Nineteenth round")
+    heap_trim_every: int = 0
     # latent pre-training: before the decoder trains, the VIB and the bag-of-words head alone are fitted on the
     # cached vectors (no transformer in the step: ~50x the decoder's sentences/s). Its time counts towards
     # max_minutes. 0 = off.
@@ -485,6 +490,9 @@ def validate_config(cfg: Config, where: str = "config") -> None:
                           "none (use diffusion.graph: absorbing or process: masked, or sampling.refine: 0)")
     if cfg.training.latent_pretrain_steps < 0:
         raise ConfigError(f"{where}: training.latent_pretrain_steps must be >= 0 (0 = off)")
+    if cfg.training.heap_trim_every < 0:
+        raise ConfigError(f"{where}: training.heap_trim_every must be >= 0 (steps between heap trims; 0 = never), "
+                          f"got {cfg.training.heap_trim_every}")
     if cfg.training.latent_pretrain_steps > 0 and not cfg.model.bow_head:
         raise ConfigError(f"{where}: training.latent_pretrain_steps > 0 needs model.bow_head = true (it fits that head)")
     if len(cfg.training.betas) != 2:

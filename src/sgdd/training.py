@@ -35,6 +35,7 @@ from sgdd.checkpoint import (
     rotate_step_checkpoints,
     save_checkpoint,
 )
+from sgdd.cli import resident_mb, trim_heap
 from sgdd.config import Config
 from sgdd.generation import decode_sorted
 from sgdd.precision import autocast, resolve_precision
@@ -597,6 +598,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                 log_losses.append((step, step_loss))
             bar.update(1)
 
+            if tc.heap_trim_every > 0 and step % tc.heap_trim_every == 0:
+                trim_heap()  # every rank: its own heap (sgdd.cli.trim_heap)
             if d.main and (step % tc.log_every == 0 or step == 1):
                 now = time.monotonic()
                 dt = max(1e-9, now - window_t)
@@ -605,6 +608,9 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                                 "train/sentences_per_s": window_sent * d.world / dt,
                                 "train/tokens_per_s": window_tok * d.world / dt,
                                 **{f"train/{k}": v for k, v in step_metrics.items()}}
+                rss = resident_mb()
+                if rss is not None:
+                    last_metrics["train/rss_mb"] = rss
                 window_sent, window_tok, window_t = 0, 0, now
                 elapsed = elapsed_before + (now - t_start)
                 remaining = _eta(step, tc.max_steps, elapsed, budget_s)
@@ -612,7 +618,9 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                         f"kl {step_metrics.get('kl', 0.0):.2f} | bow_rec {step_metrics.get('bow_recall', float('nan')):.3f} | "
                         f"len_acc {step_metrics.get('len_acc', float('nan')):.3f} | lr {lr:.2e} | "
                         f"{last_metrics['train/sentences_per_s']:.1f} sent/s | "
-                        f"{last_metrics['train/tokens_per_s']:.0f} tok/s | eta {remaining}")
+                        f"{last_metrics['train/tokens_per_s']:.0f} tok/s | "
+                        + (f"rss {rss / 1024:.1f} GB | " if rss is not None else "")
+                        + f"eta {remaining}")
                 bar.set_postfix_str(f"loss {step_loss:.3f} {last_metrics['train/sentences_per_s']:.0f} sent/s")
                 if sys.stderr.isatty():
                     bar.write(line)
