@@ -149,8 +149,8 @@ class TrainingConfig:
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
     # hand the heap's free pages back to the kernel every this many steps (glibc, sgdd.cli.trim_heap); 0 = never.
     # Training's resident memory grows by heap fragmentation (fiction config: 9.7 GB after 8 minutes, 12.8 GB
-    # after 60; glibc's default settings grow as fast); 1 holds it at 2.3-4.2 GB for 23 % fewer steps, 50 lowers
-    # the resting size but not the peak (bench/RESULTS.md "Nineteenth round")
+    # after 60; glibc's default settings grow as fast); 1 holds it at 2.3-4.2 GB for 23 % fewer steps, 10 near
+    # 6.6 GB for ~7 % fewer, 50 lowers the resting size but not the peak (bench/RESULTS.md "Nineteenth round")
     heap_trim_every: int = 0
     # latent pre-training: before the decoder trains, the VIB and the bag-of-words head alone are fitted on the
     # cached vectors (no transformer in the step: ~50x the decoder's sentences/s). Its time counts towards
