@@ -72,8 +72,7 @@ def trim_heap() -> bool:
     resident size keeps growing: the fiction config reached 9.7 GB in 8 minutes and 12.8 GB in 60, and 8.3 GB in 7
     minutes with glibc's default settings too. Trimming every step (`training.heap_trim_every: 1`) held it at
     2.3-4.2 GB for 23 % fewer steps, every 10 near 6.6 GB for ~7 % fewer; every 50 steps lowered the resting
-    size, not the peak (bench/RESULTS.md
-    "Nineteenth round"). Returns whether it ran.
+    size, not the peak (bench/RESULTS.md "Nineteenth round"). Returns whether it ran.
     """
     if platform.libc_ver()[0] != "glibc":
         return False
