@@ -340,7 +340,7 @@ def test_decoding_flags_map_onto_sampling_fields():
         ap.parse_args(["--steps", "many"])
 
 
-def test_trim_heap_returns_freed_heap_pages(monkeypatch):
+def test_trim_heap_returns_freed_heap_pages():
     """With the allocator tuned (no mmap, 1 GiB trim threshold) freed blocks stay resident until trim_heap()."""
     import platform
 

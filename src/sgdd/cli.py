@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -53,16 +54,12 @@ def tune_malloc() -> bool:
     instead of 15.0 s (2 threads; 16.0 vs 20.3 s on 1), for about 0.3 GB more peak RSS. A no-op off glibc or
     with SGDD_MALLOPT=0. Returns whether the settings were applied.
     """
-    if os.environ.get("SGDD_MALLOPT", "1") == "0" or platform.libc_ver()[0] != "glibc":
+    if os.environ.get("SGDD_MALLOPT", "1") == "0":
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def trim_heap() -> bool:
@@ -74,15 +71,28 @@ def trim_heap() -> bool:
     2.3-4.2 GB for 23 % fewer steps, every 10 near 6.6 GB for ~7 % fewer; every 50 steps lowered the resting
     size, not the peak (bench/RESULTS.md "Nineteenth round"). Returns whether it ran.
     """
-    if platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
+    libc.malloc_trim(0)
+    return True
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc with the two allocator calls used here typed, loaded once (tune_malloc, and trim_heap in the training
+    step); None off glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        libc.malloc_trim(0)
+        libc.malloc_trim.restype = ctypes.c_int
     except (OSError, AttributeError):
-        return False
-    return True
+        return None
+    return libc
 
 
 def resident_mb() -> float | None:
