@@ -74,7 +74,7 @@ def tiny_overrides(tiny_corpus, tmp_path: Path) -> list[str]:
         "model.hidden_size=64",
         "model.num_heads=2",
         "model.latent_dim=32",
-        "training.latent_pretrain_steps=10",  # the fiction config's 1,500 take seconds here; 10 keep the path run
+        "training.latent_pretrain_steps=10",  # the path runs; the config's 1,500 would eat into --minutes
         "training.threads=1",
     ]
 

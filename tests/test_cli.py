@@ -346,7 +346,8 @@ def test_trim_heap_returns_freed_heap_pages():
 
     from sgdd.cli import resident_mb, trim_heap
 
-    assert resident_mb() > 10
+    if sys.platform.startswith("linux"):
+        assert resident_mb() > 10  # read from /proc; None where there is none
     if platform.libc_ver()[0] != "glibc":
         assert trim_heap() is False
         pytest.skip("glibc only")
