@@ -49,9 +49,9 @@ def test_wrong_types_fail(override, fragment):
 
 
 def test_overrides_apply_and_parse_yaml_scalars():
-    cfg = load_config(ROOT / "configs/quickstart.yaml", ["training.max_steps=200", "model.num_layers=2",
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["training.max_steps=200", "model.num_layers=4",
                                                          "training.lr=1e-3", "tracking.tags=[a,b]"])
-    assert cfg.training.max_steps == 200 and cfg.model.num_layers == 2
+    assert cfg.training.max_steps == 200 and cfg.model.num_layers == 4
     assert cfg.training.lr == pytest.approx(1e-3) and cfg.tracking.tags == ["a", "b"]
 
 
