@@ -158,8 +158,8 @@ def test_heap_trim_every_must_not_be_negative():
     "overrides, fragment",
     [
         (["diffusion.softmax_sample=-1"], "softmax_sample must be >= 0"),
-        (["diffusion.softmax_sample=64", "diffusion.process=score_entropy", "sampling.sampler=euler"],
-         "softmax_sample works with diffusion.process = masked only"),
+        (["diffusion.softmax_sample=64", "diffusion.process=score_entropy", "diffusion.graph=uniform",
+          "sampling.sampler=euler"], "set it to 0 for diffusion.graph = uniform"),
     ],
 )
 def test_softmax_sample_is_validated(overrides, fragment):

@@ -254,10 +254,13 @@ class TinyLogits(torch.nn.Module):
         self.zp = torch.nn.Linear(Dz, V)
         self.calls = []
 
-    def forward(self, x_t, t, z, uncond=None, select=None):
+    def forward(self, x_t, t, z, uncond=None, select=None, columns=None, target=None):
         self.calls.append((x_t.shape, t.clone(), None if select is None else select.clone()))
         out = self.emb(x_t) + self.pos[: x_t.shape[1]] + self.zp(z)[:, None, :] + t[:, None, None]
-        return out[select] if select is not None else out
+        out = out[select] if select is not None else out
+        if columns is not None:  # the decoder's sampled-softmax output: the columns, then the own target
+            out = torch.cat([out[:, columns], out.gather(-1, target[:, None])], dim=-1)
+        return out
 
 
 def make_cfg(graph, noise="loglinear"):
@@ -332,3 +335,54 @@ def test_clean_logits():
     uni = ScoreEntropyProcess(make_cfg("uniform"), vocab_size=V)
     with pytest.raises(ConfigError, match="absorbing"):
         uni.clean_logits(model, x, torch.ones(B), z)
+
+
+def sampled_absorbing(K, V):
+    cfg = make_cfg("absorbing")
+    cfg.diffusion.softmax_sample = K
+    proc = ScoreEntropyProcess(cfg, vocab_size=V)
+    proc.set_token_counts(torch.arange(V))
+    return proc
+
+
+def test_absorbing_sampled_softmax_over_every_id_is_exact():
+    """K >= V: the columns are every id but [MASK] and nothing is drawn, so loss and gradients are the full ones."""
+    V, L, B = 8, 6, 4
+    x0 = torch.randint(3, V, (B, L), generator=torch.Generator().manual_seed(2))
+    z = torch.randn(B, 4, generator=torch.Generator().manual_seed(3))
+    losses, grads = [], []
+    for proc in (ScoreEntropyProcess(make_cfg("absorbing"), vocab_size=V), sampled_absorbing(V, V)):
+        torch.manual_seed(0)
+        model = TinyLogits(V, L)
+        torch.manual_seed(7)
+        loss, metrics = proc.loss(model, x0, z)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.emb.weight.grad.clone())
+        assert metrics["mask_frac"] > 0
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_absorbing_sampled_softmax_trains_only_and_needs_counts_and_absorbing():
+    V, L, B = 12, 6, 4
+    x0 = torch.randint(3, V, (B, L), generator=torch.Generator().manual_seed(2))
+    z = torch.randn(B, 4)
+    model = TinyLogits(V, L)
+    proc = sampled_absorbing(3, V)  # 3 frequent columns + 1 drawn + the own target
+    loss, _ = proc.loss(model, x0, z)
+    assert torch.isfinite(loss) and model.calls[-1][2] is not None
+    with torch.no_grad():  # evaluation: the full vocabulary, exactly the unsampled process
+        torch.manual_seed(9)
+        a = proc.loss(model, x0, z)[0]
+        torch.manual_seed(9)
+        b = ScoreEntropyProcess(make_cfg("absorbing"), vocab_size=V).loss(model, x0, z)[0]
+    assert float(a) == pytest.approx(float(b))
+    cfg = make_cfg("absorbing")
+    cfg.diffusion.softmax_sample = 3
+    with pytest.raises(RuntimeError, match="set_token_counts"):
+        ScoreEntropyProcess(cfg, vocab_size=V).loss(model, x0, z)
+    cfg = make_cfg("uniform")
+    cfg.diffusion.softmax_sample = 3
+    with pytest.raises(ConfigError, match="absorbing graph"):
+        ScoreEntropyProcess(cfg, vocab_size=V)

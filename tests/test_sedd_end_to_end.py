@@ -14,11 +14,13 @@ from sgdd.evaluation import evaluate_reconstruction
 from sgdd.training import train
 
 
-@pytest.mark.parametrize("graph, sampler", [("absorbing", "euler"), ("absorbing", "analytic"),
-                                            ("uniform", "analytic")])
-def test_score_entropy_trains_checkpoints_generates_and_evaluates(tmp_path, real_sentences, graph, sampler):
+@pytest.mark.parametrize("graph, sampler, softmax_sample", [("absorbing", "euler", 0), ("absorbing", "analytic", 16),
+                                                            ("uniform", "analytic", 0)])
+def test_score_entropy_trains_checkpoints_generates_and_evaluates(tmp_path, real_sentences, graph, sampler,
+                                                                  softmax_sample):
     cfg = load_config(None, tiny_train_overrides(tmp_path, real_sentences[:32], **{
         "diffusion.process": "score_entropy", "diffusion.graph": graph, "sampling.sampler": sampler,
+        "diffusion.softmax_sample": softmax_sample,
         "training.max_steps": 4, "training.eval_every": 4, "training.save_every": 4}))
     result = train(cfg)
     assert result.step == 4 and math.isfinite(result.last_metrics["train/loss"])

@@ -461,9 +461,10 @@ def validate_config(cfg: Config, where: str = "config") -> None:
     if cfg.diffusion.softmax_sample < 0:
         raise ConfigError(f"{where}: diffusion.softmax_sample must be >= 0 (0 = full softmax), got "
                           f"{cfg.diffusion.softmax_sample}")
-    if cfg.diffusion.softmax_sample > 0 and d.process != "masked":
-        raise ConfigError(f"{where}: diffusion.softmax_sample works with diffusion.process = masked only; "
-                          "set it to 0 for score_entropy")
+    if cfg.diffusion.softmax_sample > 0 and graph == "uniform":
+        raise ConfigError(f"{where}: diffusion.softmax_sample works with diffusion.process = masked or with "
+                          "score_entropy on the absorbing graph (a cross-entropy at masked positions); set it to 0 "
+                          "for diffusion.graph = uniform")
     if not 0.0 < cfg.sampling.length_quantile <= 1.0:
         raise ConfigError(f"{where}: sampling.length_quantile must be in (0, 1], got {cfg.sampling.length_quantile}")
     if cfg.sampling.pad_tail is not None and cfg.sampling.pad_tail < 0:

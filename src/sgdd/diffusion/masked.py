@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sgdd.diffusion.base import PROCESSES, ModelFn, Process
+from sgdd.diffusion.base import PROCESSES, ModelFn, Process, SampledSoftmax
 from sgdd.diffusion.schedules import build_schedule
 
 PAD_ID = 0  # decoder vocabulary specials (plan.md, sgdd.data.Vocab)
@@ -55,7 +55,7 @@ def exclude_class(logits: torch.Tensor, index: int) -> torch.Tensor:
 
 
 @PROCESSES.register("masked")
-class MaskedProcess(Process):
+class MaskedProcess(SampledSoftmax, Process):
     def __init__(self, cfg):
         """cfg: the whole sgdd.config.Config (reads cfg.diffusion)."""
         d = cfg.diffusion
@@ -69,37 +69,7 @@ class MaskedProcess(Process):
         self.softmax_sample = int(getattr(d, "softmax_sample", 0))
         self.self_condition = bool(getattr(cfg.model, "self_condition", False))
         self.self_condition_prob = float(getattr(cfg.model, "self_condition_prob", 0.5))
-        self._frequent: torch.Tensor | None = None  # sampled softmax: always-scored ids (set_token_counts)
-        self._rest: torch.Tensor | None = None  # the ids negatives are drawn from
-
-    def set_token_counts(self, counts) -> None:
-        """Training-corpus count of every decoder id (V,). With diffusion.softmax_sample = K > 0 the K most
-        frequent ids (PAD and the end token first) are scored in every training step and K // 2
-        of the others are drawn uniformly per step; without K this is a no-op."""
-        K = self.softmax_sample
-        if K <= 0:
-            return
-        from sgdd.data import frequency_order
-
-        order = frequency_order(counts, first=(PAD_ID, EOS_ID), exclude=(MASK_ID,))  # MASK: never a target
-        K = min(K, order.numel())
-        self._frequent, self._rest = order[:K].clone(), order[K:].clone()
-
-    def _sample_columns(self, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Output columns of one sampled-softmax step (C,) and the log-weight added to each (C,): 0 for the
-        frequent ids, log(|rest| / n) for the n uniform draws, so that the sum of exp over the columns is an
-        unbiased estimate of the softmax normaliser over the whole vocabulary (own target aside)."""
-        if self._frequent is None:
-            raise RuntimeError(
-                "diffusion.softmax_sample > 0 needs the training token counts: call process.set_token_counts(counts)"
-            )
-        n = min(self._rest.numel(), max(1, self.softmax_sample // 2))
-        drawn = self._rest[torch.randperm(self._rest.numel(), generator=generator)[:n]] if n else self._rest[:0]
-        cols = torch.cat([self._frequent, drawn]).to(device)
-        logw = torch.zeros(cols.numel(), device=device)
-        if n:
-            logw[self._frequent.numel():] = float(torch.log(torch.tensor(self._rest.numel() / n)))
-        return cols, logw
+        SampledSoftmax.__init__(self)
 
     # -----------------------------------------------------------------------------------------------------
     # pieces
@@ -136,12 +106,8 @@ class MaskedProcess(Process):
             sc = self.estimate(model, x_t, t_model, z, uncond, prob, generator)
             if sc is not None:
                 extra["sc"] = sc
-        if sampled:
-            cols, logw = self._sample_columns(x0.device, generator)
-            logits = model(x_t, t_model, z, uncond=uncond, select=masked, columns=cols, target=target, **extra)
-            logits = logits.float() + F.pad(logw, (0, 1))  # (N, C + 1); the own target is the last column
-            logits = logits.masked_fill(F.pad(cols[None, :] == target[:, None], (0, 1)), float("-inf"))
-            target = torch.full_like(target, cols.numel())
+        if sampled:  # (N, C + 1); the own target is the last column
+            logits, target = self.sampled_logits(model, x_t, t_model, z, uncond, masked, target, generator, **extra)
         else:
             logits = model(x_t, t_model, z, uncond=uncond, select=masked, **extra)  # (N, V), N = masked.sum()
             logits = exclude_class(logits, self.mask_id)

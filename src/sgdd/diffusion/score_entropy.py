@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from sgdd.diffusion.base import NOISES, PROCESSES, ModelFn, Process
+from sgdd.diffusion.base import NOISES, PROCESSES, ModelFn, Process, SampledSoftmax
 from sgdd.registry import ConfigError, Registry
 
 PAD_ID = 0  # sgdd.data.Vocab.PAD (plan.md)
@@ -414,7 +414,7 @@ def build_graph(name: str, vocab_size: int, mask_id: int = MASK_ID) -> Graph:
 
 
 @PROCESSES.register("score_entropy")
-class ScoreEntropyProcess(Process):
+class ScoreEntropyProcess(SampledSoftmax, Process):
     """SEDD on a graph and a noise, built from the whole Config.
 
     The vocabulary size V is not in the config: it is taken from `vocab_size` when given (or set later as an
@@ -435,6 +435,12 @@ class ScoreEntropyProcess(Process):
         self.mask_id = MASK_ID if d.graph == "absorbing" else None
         self.vocab_size = vocab_size
         self._graphs: dict[int, Graph] = {}
+        # diffusion.softmax_sample (absorbing graph, training steps): see SampledSoftmax and _per_sequence
+        self.softmax_sample = int(getattr(d, "softmax_sample", 0))
+        if self.softmax_sample > 0 and d.graph != "absorbing":
+            raise ConfigError("diffusion.softmax_sample needs the absorbing graph (the uniform graph's loss is not a "
+                              "cross-entropy); set it to 0 for diffusion.graph = uniform")
+        SampledSoftmax.__init__(self)
 
     def graph(self, V: int) -> Graph:
         if V not in self._graphs:
@@ -475,8 +481,11 @@ class ScoreEntropyProcess(Process):
             return self.graph(V).log_score(raw, sigma[select], x_t[select])
         return self.graph(V).log_score(raw, sigma, x_t)
 
-    def _per_sequence(self, model, x0, z, uncond, t, generator=None):
-        """One corruption of x0 (B, L) at times t (B,) -> (rate-weighted DSE summed per sequence (B,), metrics)."""
+    def _per_sequence(self, model, x0, z, uncond, t, generator=None, sampled: bool = False):
+        """One corruption of x0 (B, L) at times t (B,) -> (rate-weighted DSE summed per sequence (B,), metrics).
+
+        sampled (absorbing graph, training steps): the cross-entropy's normaliser is the sampled softmax's
+        estimate (SampledSoftmax); the metrics acc and ce are then over the step's columns."""
         B, L = x0.shape
         V = self.resolve_vocab_size(model, x0, z)
         graph = self.graph(V)
@@ -486,18 +495,28 @@ class ScoreEntropyProcess(Process):
         metrics: dict[str, float] = {}
         if graph.absorbing_id is not None:
             select = x_t == graph.absorbing_id  # DSE is zero at unmasked positions
-            raw = model(x_t, self.model_time(t), z, uncond, select)  # (N, V)
-            ls = graph.log_score(raw, sigma_bl[select], x_t[select])  # (N, V) float32
             x0_sel = x0[select]
-            dse = graph.score_entropy(ls, sigma_bl[select], x_t[select], x0_sel)  # (N,)
+            # The scores are a softmax over the clean tokens scaled by 1 / (e^sigma - 1) (graph.log_score), so the
+            # DSE at a masked position is exactly -log p(x0 | x_t) / (e^sigma - 1) (the scores of the other tokens
+            # and K(r) cancel against the softmax's normaliser; graph.score_entropy computes the general form
+            # and the tests check the two agree). The fused cross-entropy keeps one (N, V) buffer instead of
+            # the general form's several: the same loss and gradients, fewer passes over the output.
+            if sampled:  # (N, C + 1) over the step's columns, the own target last (MASK is never a column)
+                logits, target = self.sampled_logits(model, x_t, self.model_time(t), z, uncond, select, x0_sel,
+                                                     generator)
+            else:
+                raw = model(x_t, self.model_time(t), z, uncond, select)  # (N, V)
+                logits = raw.float().masked_fill(torch.arange(V, device=raw.device) == graph.mask_id, float("-inf"))
+                target = x0_sel
+            ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")  # (N,) -log p(x0 | x_t)
+            dse = ce / torch.expm1(sigma_bl[select].float())
             rows = select.nonzero()[:, 0]  # (N,) batch index of each selected position
             per_seq = torch.zeros(B, device=x0.device, dtype=dse.dtype).index_add(0, rows, dse * rate[rows])
             n_sel = int(select.sum())
             metrics["mask_frac"] = n_sel / (B * L)
             if n_sel:  # as the masked process reports them: accuracy and cross-entropy at masked positions
-                metrics["acc"] = float((ls.detach().argmax(-1) == x0_sel).float().mean())
-                log_p = ls.detach().gather(-1, x0_sel[:, None]).squeeze(-1) + log_expm1(sigma_bl[select])
-                metrics["ce"] = float(-log_p.mean())  # -log p(x0 | x_t)
+                metrics["acc"] = float((logits.detach().argmax(-1) == target).float().mean())
+                metrics["ce"] = float(ce.detach().mean())  # -log p(x0 | x_t)
         else:
             raw = model(x_t, self.model_time(t), z, uncond, None)  # (B, L, V)
             ls = graph.log_score(raw, sigma_bl, x_t)
@@ -514,7 +533,8 @@ class ScoreEntropyProcess(Process):
         uniform graph changed_frac. The absorbing graph runs the model's output layer only where x_t = MASK."""
         B, L = x0.shape
         t = self.eps + (1.0 - self.eps) * torch.rand(B, device=x0.device)  # (B,)
-        per_seq, metrics = self._per_sequence(model, x0, z, uncond, t)
+        sampled = self.softmax_sample > 0 and torch.is_grad_enabled()
+        per_seq, metrics = self._per_sequence(model, x0, z, uncond, t, sampled=sampled)
         loss = per_seq.mean()
         metrics["loss"] = float(loss.detach())  # per sequence
         metrics["nll"] = metrics["loss"] / L  # per token: the NLL bound, comparable to the masked process's nll
