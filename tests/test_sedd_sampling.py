@@ -317,3 +317,47 @@ def test_pad_tail_adds_visible_pad_after_the_longest_slot(sampler, graph, noise)
     assert x.shape == (2, 8)  # longest slot 5 + 3 tail positions
     assert (x != MASK_ID).all()
     assert (x[torch.arange(8)[None, :] >= lengths[:, None]] == PAD_ID).all()
+
+
+class OneWord(torch.nn.Module):
+    """Every position prefers token `word` (logit 5), then `second` (logit 4), then the rest (0)."""
+
+    def __init__(self, V, word, second):
+        super().__init__()
+        self.V, self.word, self.second = V, word, second
+
+    def forward(self, x_t, t, z, uncond=None, select=None):
+        out = torch.zeros(*x_t.shape, self.V)
+        out[..., self.word], out[..., self.second] = 5.0, 4.0
+        return out[select] if select is not None else out
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_repeat_penalty_steers_away_from_visible_tokens(sampler):
+    """Absorbing graph, 64 small steps for 4 positions (so they mostly unmask one at a time): without the penalty
+    every position writes the favourite word; with it (no exempt ids) a position that sees the word visible takes
+    the runner-up (logit 5 - 3 < 4)."""
+    V, L = 9, 4
+    lengths = torch.full((2,), L)
+    outs = {}
+    for penalty in (0.0, 3.0):
+        cfg = make_cfg("absorbing", "loglinear", sampler, steps=64)
+        cfg.sampling.repeat_penalty, cfg.sampling.repeat_exempt = penalty, 0
+        proc = ScoreEntropyProcess(cfg, vocab_size=V)
+        outs[penalty] = build_sampler(cfg, token_counts=torch.ones(V)).sample(
+            OneWord(V, 5, 6), proc, torch.zeros(2, 4), lengths, 1.0, torch.Generator().manual_seed(0))
+    assert (outs[0.0] == 5).all()
+    per_row = (outs[3.0] == 5).sum(dim=1)
+    assert (per_row >= 1).all() and (per_row < L).all() and (outs[3.0] == 6).any()
+
+
+def test_repeat_penalty_needs_the_absorbing_graph():
+    cfg = make_cfg("uniform", "geometric", "euler", steps=4)
+    cfg.sampling.repeat_penalty = 3.0
+    proc = ScoreEntropyProcess(cfg, vocab_size=8)
+    with pytest.raises(ConfigError, match="absorbing graph"):
+        build_sampler(cfg).sample(RandomModel(8, 4), proc, torch.randn(2, 4), torch.tensor([4, 2]), 1.0)
+    from sgdd.config import validate_config
+
+    with pytest.raises(ConfigError, match="repeat_penalty"):
+        validate_config(cfg)

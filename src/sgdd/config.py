@@ -486,6 +486,10 @@ def validate_config(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: sampling.refine must be >= 0 (rounds; 0 = off), got {cfg.sampling.refine}")
     if not 0.0 < cfg.sampling.refine_mask <= 1.0:
         raise ConfigError(f"{where}: sampling.refine_mask must be in (0, 1], got {cfg.sampling.refine_mask}")
+    if cfg.sampling.repeat_penalty > 0 and graph == "uniform":
+        raise ConfigError(f"{where}: sampling.repeat_penalty needs a distribution over clean tokens to penalise; the "
+                          "uniform graph's output is a log-score (use diffusion.graph: absorbing or process: masked, "
+                          "or sampling.repeat_penalty: 0)")
     if cfg.sampling.refine > 0 and graph == "uniform":
         raise ConfigError(f"{where}: sampling.refine needs a process with a [MASK] state; the uniform graph has "
                           "none (use diffusion.graph: absorbing or process: masked, or sampling.refine: 0)")

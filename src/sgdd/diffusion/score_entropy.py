@@ -19,7 +19,10 @@ Graphs (GRAPHS registry; the vocabulary specials follow plan.md: PAD = 0, MASK =
   absorbing  every token jumps to MASK at rate 1. P[x, x] = e^-sigma, P[x, MASK] = 1 - e^-sigma, MASK stays.
              Parameterisation: at a masked position the true score is p(x_0 = y | x_t) / (e^sigma_bar - 1),
              so log s_y = log_softmax(raw logits, MASK excluded)_y - log(e^sigma_bar - 1): the model only ever
-             predicts a distribution over clean tokens and never MASK. DSE is zero at unmasked positions.
+             predicts a distribution over clean tokens and never MASK. DSE is zero at unmasked positions;
+             at masked ones it equals -log p(x_0 | x_t) / (e^sigma_bar - 1) exactly, the form the loss computes
+             (one fused cross-entropy; diffusion.softmax_sample estimates it as the masked process does). With
+             the log-linear noise sigma(t) / (e^sigma_bar - 1) = 1 / t: MDLM's cross-entropy / t.
   uniform    every token jumps to any other *real* token at rate 1/N, N = V - 1: the state space is every id
              except MASK (MASK never appears: noise tokens are drawn uniformly over ids != MASK). PAD and EOS
              are ordinary states. P = e^-sigma I + (1 - e^-sigma) / N 11^T on the states. The raw model

@@ -22,6 +22,10 @@ with probability 1 - q[x] / sum q, and the destination is the argmax (greedy) or
 y != x; the final step takes argmax q (greedy) or a draw from q^(1/T). top_k / top_p are MaskGIT options and
 are not used here. callback(k, x) sees the state after every step k = 1..K.
 
+Repetition penalty (sampling.repeat_penalty, absorbing graph): as in MaskGIT, the guided logits of ids already
+visible in the row are lowered per visible copy (PAD, EOS and the sampling.repeat_exempt most frequent ids aside)
+before they are normalised into scores; the unmasking rate is unchanged, the choice of token is not.
+
 Euler step (t -> t - dt): q_y = dt sigma(t) Q[y, x] s_y for y != x, q_x = 1 - sum_{y != x} q_y (clamped >= 0).
 """
 
@@ -31,7 +35,7 @@ import torch
 
 from sgdd.diffusion.score_entropy import PAD_ID, Graph, ScoreEntropyProcess, one_hot
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS, Sampler, slot_width
+from sgdd.sampling.base import SAMPLERS, Sampler, penalize_repeats, slot_width
 from sgdd.sampling.guidance import guided
 
 ROW_CHUNK_ELEMENTS = 1 << 23  # rows x V handled at once after the forward (the uniform graph moves every row)
@@ -113,6 +117,31 @@ class ScoreSampler(Sampler):
         t_vec = torch.full((B,), float(t), device=x.device)
         return process.log_scores(model, x, t_vec, z, select=sel)  # (N, V) float32
 
+    def _penalized(self, step_model, graph: Graph, pad_id: int, device):
+        """The guided model with sampling.repeat_penalty applied to its output: at each selected (masked) position
+        the logit of every id visible in the row drops by the penalty per visible copy (PAD, EOS and the
+        repeat_exempt most frequent ids aside), before the log-softmax that makes the scores. The absorbing
+        graph only: there the output is a distribution over clean tokens whose total (the unmasking rate) the
+        renormalisation keeps; the uniform graph's output is the log-score itself."""
+        if graph.absorbing_id is None:
+            raise ConfigError(
+                f"sampling.repeat_penalty works with the absorbing graph only (the {self.name} sampler on the uniform "
+                "graph has no distribution over clean tokens to penalise); set sampling.repeat_penalty: 0 "
+                "(--repeat-penalty 0)"
+            )
+        s = self.cfg.sampling
+        exempt = self.exempt(graph.V, pad_id, device)
+
+        def penalized(x_t, t, z, uncond=None, select=None):
+            raw = step_model(x_t, t, z, uncond, select)
+            if select is None:  # (B, L, V): every position
+                select = torch.ones_like(x_t, dtype=torch.bool)
+                return penalize_repeats(raw.reshape(-1, raw.shape[-1]), x_t, select, exempt, s.repeat_penalty,
+                                        graph.absorbing_id).view(raw.shape)
+            return penalize_repeats(raw, x_t, select, exempt, s.repeat_penalty, graph.absorbing_id)
+
+        return penalized
+
     @torch.inference_mode()
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None):
         """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = slot_width(lengths); see sgdd.sampling.base."""
@@ -135,6 +164,8 @@ class ScoreSampler(Sampler):
         probe = torch.full((B, L), pad_id, dtype=torch.long, device=device)
         graph = process.graph(process.resolve_vocab_size(model, probe, z))
         step_model = guided(model, cfg_scale)
+        if s.repeat_penalty > 0:
+            step_model = self._penalized(step_model, graph, pad_id, device)
 
         x = graph.sample_limit((B, L), device=device, generator=generator)
         x = torch.where(valid, x, pad_id)

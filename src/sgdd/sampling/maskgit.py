@@ -80,7 +80,7 @@ import torch
 from sgdd.data import frequency_order
 from sgdd.models.decoder import KVState
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS, Sampler, slot_width
+from sgdd.sampling.base import SAMPLERS, Sampler, exempt_ids, penalize_repeats, slot_width  # noqa: F401
 from sgdd.sampling.guidance import guided, row_slices
 
 PAD_ID = 0  # decoder vocabulary contract (sgdd.data.Vocab.PAD); a process may override with .pad_id
@@ -123,40 +123,6 @@ def duplicate_predictions(
     return (same & better).any(dim=-1) & mask & (pred != exempt)
 
 
-def exempt_ids(vocab_size: int, token_counts, top: int, always: tuple[int, ...]) -> torch.Tensor:
-    """(V,) bool: the `top` most frequent ids by token_counts (V,) and the ids in `always`; without counts
-    only `always`."""
-    exempt = torch.zeros(vocab_size, dtype=torch.bool)
-    if token_counts is not None and top > 0:
-        counts = torch.as_tensor(token_counts, dtype=torch.float64).flatten()
-        if counts.numel() != vocab_size:
-            raise ValueError(f"token_counts has {counts.numel()} entries, the model predicts {vocab_size} ids")
-        exempt[torch.argsort(counts, descending=True, stable=True)[: min(top, vocab_size)]] = True
-    exempt[list(always)] = True
-    return exempt
-
-
-def penalize_repeats(
-    logits: torch.Tensor, x: torch.Tensor, select: torch.Tensor, exempt: torch.Tensor, penalty: float,
-    mask_id: int, column_of: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Lower the logit of every id visible in the row by `penalty` per visible copy (exempt ids and MASK aside).
-
-    logits (N, V) for the N positions where select (B, L) is True (row-major order), x (B, L) the current ids,
-    exempt (V,) bool on x's device. With a shortlist, logits are (N, C) and column_of (B, V) long gives each
-    row's column of an id (-1: not in the row's shortlist, nothing to lower). Returns float32 logits (in place
-    when they already are float32). O(N L) besides the copy.
-    """
-    logits = logits.float()
-    rows = select.nonzero()[:, 0]  # (N,) the row of each selected position
-    seen = x[rows]  # (N, L) ids visible in that row (MASK positions carry mask_id)
-    hit = ~exempt[seen] & (seen != mask_id)
-    cols = seen
-    if column_of is not None:
-        cols = column_of[rows[:, None], seen]  # (N, L), without materialising column_of[rows] (N, V)
-        hit &= cols >= 0
-        cols = cols.clamp(min=0)
-    return logits.scatter_add_(1, cols, torch.where(hit, -float(penalty), 0.0).to(logits.dtype))
 
 
 def shortlist_ids(
@@ -410,27 +376,8 @@ class MaskGITSampler(Sampler):
             raise ConfigError(f"sampling.position_penalty must be >= 0, got {s.position_penalty}")
         if not 0.0 <= s.remask < 1.0:
             raise ConfigError(f"sampling.remask must be in [0, 1), got {s.remask}")
-        if s.repeat_penalty < 0:
-            raise ConfigError(f"sampling.repeat_penalty must be >= 0 (0 = off), got {s.repeat_penalty}")
-        if s.repeat_exempt < 0:
-            raise ConfigError(f"sampling.repeat_exempt must be >= 0, got {s.repeat_exempt}")
         if s.guidance_refresh < 0:
             raise ConfigError(f"sampling.guidance_refresh must be >= 0 (0 = off), got {s.guidance_refresh}")
-        self._exempt: torch.Tensor | None = None
-
-    def exempt(self, vocab_size: int, pad_id: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(V,) bool ids the repetition penalty spares, on `device` (built once per sampler and device)."""
-        if self._exempt is None or self._exempt.numel() != vocab_size:
-            s = self.cfg.sampling
-            if self.token_counts is None and s.repeat_exempt > 0:
-                log.warning(
-                    "sampling.repeat_penalty: this vocabulary has no training token counts (saved before they "
-                    "were recorded), so the %d most frequent ids cannot be exempt; every id but PAD / EOS is "
-                    "penalised. Retrain, or set sampling.repeat_exempt: 0 to silence this.", s.repeat_exempt)
-            self._exempt = exempt_ids(vocab_size, self.token_counts, s.repeat_exempt, (pad_id, EOS_ID))
-        if self._exempt.device != torch.device(device):
-            self._exempt = self._exempt.to(device)  # one copy per device, not one per step
-        return self._exempt
 
     @torch.no_grad()
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None, init=None):
