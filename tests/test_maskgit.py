@@ -7,15 +7,13 @@ import torch
 
 from sgdd.config import Config
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS, slot_width
+from sgdd.sampling.base import SAMPLERS, exempt_ids, penalize_repeats, slot_width
 from sgdd.sampling.maskgit import (
     MaskGITSampler,
     choose_tokens,
     duplicate_predictions,
-    exempt_ids,
     filter_logits,
     masked_count,
-    penalize_repeats,
     ranks_in_rows,
     sample_categorical,
     shortlist_ids,

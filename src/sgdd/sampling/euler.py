@@ -132,12 +132,8 @@ class ScoreSampler(Sampler):
         s = self.cfg.sampling
         exempt = self.exempt(graph.V, pad_id, device)
 
-        def penalized(x_t, t, z, uncond=None, select=None):
+        def penalized(x_t, t, z, uncond, select):  # the loop always selects the masked positions: (N, V)
             raw = step_model(x_t, t, z, uncond, select)
-            if select is None:  # (B, L, V): every position
-                select = torch.ones_like(x_t, dtype=torch.bool)
-                return penalize_repeats(raw.reshape(-1, raw.shape[-1]), x_t, select, exempt, s.repeat_penalty,
-                                        graph.absorbing_id).view(raw.shape)
             return penalize_repeats(raw, x_t, select, exempt, s.repeat_penalty, graph.absorbing_id)
 
         return penalized

@@ -80,7 +80,7 @@ import torch
 from sgdd.data import frequency_order
 from sgdd.models.decoder import KVState
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS, Sampler, exempt_ids, penalize_repeats, slot_width  # noqa: F401
+from sgdd.sampling.base import SAMPLERS, Sampler, penalize_repeats, slot_width
 from sgdd.sampling.guidance import guided, row_slices
 
 PAD_ID = 0  # decoder vocabulary contract (sgdd.data.Vocab.PAD); a process may override with .pad_id
@@ -121,8 +121,6 @@ def duplicate_predictions(
     a, b = score[:, :, None], score[:, None, :]
     better = (b > a) | ((b == a) & (idx[None, None, :] < idx[None, :, None]))  # (B, L, L): j beats i
     return (same & better).any(dim=-1) & mask & (pred != exempt)
-
-
 
 
 def shortlist_ids(
