@@ -177,7 +177,8 @@ class SGDD:
         x = make_batch(ids, L, spare + pad_tail(cfg)).to(self.device)
         C = s.refine_candidates
         fill_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(
-            s, sampler="maskgit", steps=s.refine_steps, gumbel_noise=max(s.gumbel_noise, 1.0), remask=0.0))
+            s, sampler="maskgit", steps=s.refine_steps, gumbel_noise=max(s.gumbel_noise, 1.0), remask=0.0,
+            correct=0))
         sampler = MaskGITSampler(fill_cfg, token_counts=self.vocab.counts)
         z_rows = mu.repeat_interleave(C, 0)
         gen = torch.Generator(device=self.device).manual_seed(seed + 7)

@@ -72,6 +72,11 @@ class DiffusionConfig:
     # frequent training tokens, K // 2 others drawn uniformly (importance-corrected) and each row's own target.
     # Validation NLL and sampling always use the full vocabulary.
     softmax_sample: int = 0
+    # masked process, training steps: each visible token is replaced w.p. substitute by a wrong id (half unigram,
+    # half drawn from the bag-of-words head) and every visible token position is scored too, with weight
+    # substitute_weight: the model learns which visible tokens do not belong, what sampling.correct uses. 0 = off
+    substitute: float = 0.0
+    substitute_weight: float = 1.0
     # score-entropy process (SEDD)
     graph: str = "absorbing"  # absorbing | uniform
     noise: str = "loglinear"  # loglinear | geometric
@@ -207,6 +212,13 @@ class SamplingConfig:
     # steps run the conditional pass alone and add each masked position's last guidance direction (conditional
     # - null logits) (approximate). 0 = off: both passes at every step
     guidance_refresh: int = 0
+    # MaskGIT self-correction after the last step: `correct` rounds of "score each decoded token by the model's
+    # probability of it given the whole decoded row (one full pass), re-mask the correct_frac lowest-scoring
+    # (at least one per row) and refill them in one step". For decoders trained with diffusion.substitute > 0
+    # (a decoder trained on masked positions only was never taught what a visible token's probability means).
+    # 0 = off
+    correct: int = 0
+    correct_frac: float = 0.1
     rerank: int = 1  # best-of-K by re-embedding cosine; 1 = off
     # encoder-guided refinement (sgdd.sampling.refine): rounds of "re-mask a fraction of the hypothesis, refill
     # refine_candidates variants with MaskGIT in refine_steps steps, keep the one closest to the input's vector";
@@ -486,6 +498,20 @@ def validate_config(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: sampling.refine must be >= 0 (rounds; 0 = off), got {cfg.sampling.refine}")
     if not 0.0 < cfg.sampling.refine_mask <= 1.0:
         raise ConfigError(f"{where}: sampling.refine_mask must be in (0, 1], got {cfg.sampling.refine_mask}")
+    if not 0.0 <= d.substitute < 1.0:
+        raise ConfigError(f"{where}: diffusion.substitute must be in [0, 1) (0 = off), got {d.substitute}")
+    if d.substitute > 0 and d.process != "masked":
+        raise ConfigError(f"{where}: diffusion.substitute works with diffusion.process = masked only; set it to 0 "
+                          "for score_entropy")
+    if d.substitute_weight < 0:
+        raise ConfigError(f"{where}: diffusion.substitute_weight must be >= 0, got {d.substitute_weight}")
+    if cfg.sampling.correct < 0:
+        raise ConfigError(f"{where}: sampling.correct must be >= 0 (rounds; 0 = off), got {cfg.sampling.correct}")
+    if not 0.0 < cfg.sampling.correct_frac < 1.0:
+        raise ConfigError(f"{where}: sampling.correct_frac must be in (0, 1), got {cfg.sampling.correct_frac}")
+    if cfg.sampling.correct > 0 and cfg.sampling.sampler != "maskgit":
+        raise ConfigError(f"{where}: sampling.correct is a MaskGIT step; set sampling.sampler: maskgit or "
+                          "sampling.correct: 0")
     if cfg.sampling.repeat_penalty > 0 and graph == "uniform":
         raise ConfigError(f"{where}: sampling.repeat_penalty needs a distribution over clean tokens to penalise; the "
                           "uniform graph's output is a log-score (use diffusion.graph: absorbing or process: masked, "

@@ -425,8 +425,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                                            seed=cfg.training.seed)
         pretrain_seconds = pretrain_metrics["pretrain/seconds"]
     process = build_process(cfg)
-    if cfg.diffusion.softmax_sample > 0:
-        process.set_token_counts(vocab.counts)
+    process.set_token_counts(vocab.counts)  # sampled softmax columns, substitution draws (else a no-op)
     sampler = build_sampler(cfg, token_counts=vocab.counts)
     step_module = TrainStep(net, process, vocab.PAD, cfg.model.bow_weight).to(device)
     ddp_module: nn.Module = step_module

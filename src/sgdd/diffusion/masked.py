@@ -23,6 +23,17 @@ weighted by |rest| / (K // 2)), plus each row's own target scored exactly. At 3 
 product is about a third of a training step's FLOPs; K = 2048 of V = 20k cuts it ~7x. Validation losses (no
 grad), `nll` and sampling use the full vocabulary; the training-step metrics (loss, ce, nll: the log of an
 estimate, biased low; acc: argmax over the step's columns) are over the sampled columns.
+
+Substitution noise (diffusion.substitute = p > 0, training steps only): after masking, each visible position
+holding a token (PAD excluded) is replaced w.p. p by a wrong id, drawn half the time from the corpus's unigram
+distribution (function-word errors) and half from the row's bag-of-words head, softmax(bow_logits(z)) (words of
+the sentence's topic in the wrong place: the kind of error the decoder itself makes); without a bag-of-words head
+all from the unigram. The loss gains diffusion.substitute_weight * the mean cross-entropy of x_0 over the
+visible token positions (substituted or not; every substituted one and a random quarter of the others are scored,
+those weighted x4: scoring them all cost ~20 % of the training speed), so the model learns p(x_0 | x_t) where x_t may hold wrong tokens,
+and its probability of a visible token says whether that token belongs there: what MaskGIT's self-correction
+(sampling.correct) scores decoded tokens with. The time input and the ELBO term (masked positions) are as
+without substitution; validation losses and `nll` never substitute.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from sgdd.diffusion.schedules import build_schedule
 PAD_ID = 0  # decoder vocabulary specials (plan.md, sgdd.data.Vocab)
 MASK_ID = 1
 EOS_ID = 2
+CLEAN_SCORED = 0.25  # diffusion.substitute: share of the unsubstituted visible tokens scored (weighted by its inverse)
 
 
 def stratified_times(
@@ -67,9 +79,53 @@ class MaskedProcess(SampledSoftmax, Process):
         self.mask_id = MASK_ID
         self.pad_id = PAD_ID
         self.softmax_sample = int(getattr(d, "softmax_sample", 0))
+        self.substitute = float(getattr(d, "substitute", 0.0))
+        self.substitute_weight = float(getattr(d, "substitute_weight", 1.0))
+        if not 0.0 <= self.substitute < 1.0:
+            raise ValueError(f"diffusion.substitute must be in [0, 1), got {self.substitute}")
+        self._unigram: torch.Tensor | None = None  # (V,) substitution distribution (set_token_counts)
         self.self_condition = bool(getattr(cfg.model, "self_condition", False))
         self.self_condition_prob = float(getattr(cfg.model, "self_condition_prob", 0.5))
         SampledSoftmax.__init__(self)
+
+    def set_token_counts(self, counts) -> None:
+        """Training-corpus count of every decoder id (V,): the sampled softmax's columns and the unigram
+        distribution substitutions are drawn from (specials PAD / MASK / EOS never drawn)."""
+        SampledSoftmax.set_token_counts(self, counts)
+        if self.substitute > 0:
+            if counts is None:
+                raise ValueError("diffusion.substitute > 0 needs the vocabulary's training token counts; this "
+                                 "vocabulary has none (rebuild it, or set diffusion.substitute: 0)")
+            p = torch.as_tensor(counts, dtype=torch.float64).clamp(min=0).float()
+            p[[PAD_ID, MASK_ID, EOS_ID]] = 0.0
+            if float(p.sum()) <= 0:
+                raise ValueError("diffusion.substitute: the token counts hold no ordinary token")
+            self._unigram = p / p.sum()
+
+    def substitute_ids(self, model: ModelFn, x_t, x0, masked, z, generator=None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        torch.Tensor]:
+        """x_t with each visible token position (x0 not PAD) replaced w.p. self.substitute by a drawn id (see the
+        module docstring); the visible positions to score (B, L) bool: every substituted one and each other one
+        w.p. CLEAN_SCORED; and the scored positions' loss weights (B, L) float (1 / CLEAN_SCORED for the others)."""
+        if self._unigram is None:
+            raise RuntimeError("diffusion.substitute > 0 needs the training token counts: call "
+                               "process.set_token_counts(counts)")
+        B, L = x0.shape
+        visible = ~masked & (x0 != self.pad_id)
+        sub = visible & (torch.rand(x0.shape, device=x0.device, generator=generator) < self.substitute)
+        draws = torch.multinomial(self._unigram.to(x0.device).expand(B, -1), L, replacement=True,
+                                  generator=generator)  # (B, L)
+        bow = getattr(model, "bow_logits", None)
+        if bow is not None and getattr(model, "bow_mlp", None) is not None:
+            with torch.no_grad():
+                logits = bow(z).float()
+                logits[:, [PAD_ID, MASK_ID, EOS_ID]] = float("-inf")
+                topical = torch.multinomial(logits.softmax(-1), L, replacement=True, generator=generator)
+            half = torch.rand(x0.shape, device=x0.device, generator=generator) < 0.5
+            draws = torch.where(half, topical, draws)
+        clean = visible & ~sub & (torch.rand(x0.shape, device=x0.device, generator=generator) < CLEAN_SCORED)
+        weight = torch.where(clean, 1.0 / CLEAN_SCORED, 1.0)
+        return torch.where(sub, draws, x_t), sub | clean, weight
 
     # -----------------------------------------------------------------------------------------------------
     # pieces
@@ -90,16 +146,24 @@ class MaskedProcess(SampledSoftmax, Process):
         masked = torch.rand(x0.shape, device=x0.device, generator=generator) < p[:, None]
         return x0.masked_fill(masked, self.mask_id), masked
 
-    def _terms(self, model: ModelFn, x0, z, uncond, t, generator=None, sampled: bool = False):
+    def _terms(self, model: ModelFn, x0, z, uncond, t, generator=None, sampled: bool = False,
+               substitute: bool = False):
         """One corruption at times t and the per-token cross-entropies at the masked positions.
 
         sampled: the sampled softmax of diffusion.softmax_sample (training only); the returned logits are then
-        (N, C + 1) over the step's columns and the own target (last), and the returned target indexes them."""
+        (N, C + 1) over the step's columns and the own target (last), and the returned target indexes them.
+        substitute: substitution noise (diffusion.substitute); visible token positions are scored too and their
+        cross-entropies and loss weights returned as the last item, (2, N_visible) (else None). logits / target / ce
+        are the masked positions'."""
         B, L = x0.shape
         x_t, masked = self.corrupt(x0, t, generator)
         n_masked = masked.sum(dim=1)  # (B,)
         t_model = self.model_time(self.time_of_mask_ratio(n_masked.float() / L))
-        target = x0[masked]  # (N,)
+        scored, visible = masked, None
+        if substitute:
+            x_t, visible, vis_weight = self.substitute_ids(model, x_t, x0, masked, z, generator)
+            scored = masked | visible
+        target = x0[scored]  # (N,)
         extra = {}
         if self.self_condition and getattr(model, "self_condition", False):
             prob = self.self_condition_prob if torch.is_grad_enabled() else 1.0
@@ -107,15 +171,20 @@ class MaskedProcess(SampledSoftmax, Process):
             if sc is not None:
                 extra["sc"] = sc
         if sampled:  # (N, C + 1); the own target is the last column
-            logits, target = self.sampled_logits(model, x_t, t_model, z, uncond, masked, target, generator, **extra)
+            logits, target = self.sampled_logits(model, x_t, t_model, z, uncond, scored, target, generator, **extra)
         else:
-            logits = model(x_t, t_model, z, uncond=uncond, select=masked, **extra)  # (N, V), N = masked.sum()
+            logits = model(x_t, t_model, z, uncond=uncond, select=scored, **extra)  # (N, V), N = scored.sum()
             logits = exclude_class(logits, self.mask_id)
         ce = F.cross_entropy(logits, target, reduction="none")  # (N,) float32
+        ce_visible = None
+        if visible is not None:  # split the scored positions (row-major order) into masked and visible ones
+            is_masked = masked[scored]
+            ce_visible = torch.stack([ce[~is_masked], vis_weight[visible]])  # (2, N_visible): CE, weight
+            logits, target, ce = logits[is_masked], target[is_masked], ce[is_masked]
         row = torch.arange(B, device=x0.device).repeat_interleave(n_masked)  # (N,) sequence of each row
         ce_sum = torch.zeros(B, device=x0.device, dtype=ce.dtype).index_add(0, row, ce)  # (B,)
         nll = self.schedule.weight(t.float()) * ce_sum / L  # (B,) per-token ELBO term
-        return logits, target, ce, nll, masked
+        return logits, target, ce, nll, masked, ce_visible
 
     @staticmethod
     def estimate(model, x_t, t_model, z, uncond, prob: float, generator=None) -> torch.Tensor | None:
@@ -145,7 +214,9 @@ class MaskedProcess(SampledSoftmax, Process):
         B, L = x0.shape
         t = stratified_times(B, self.eps, x0.device)
         sampled = self.softmax_sample > 0 and torch.is_grad_enabled()
-        logits, target, ce, nll, masked = self._terms(model, x0, z, uncond, t, sampled=sampled)
+        substitute = self.substitute > 0 and torch.is_grad_enabled()
+        logits, target, ce, nll, masked, ce_visible = self._terms(model, x0, z, uncond, t, sampled=sampled,
+                                                                  substitute=substitute)
         N = ce.shape[0]
         if self.weighting == "elbo":
             loss = nll.mean()
@@ -153,6 +224,10 @@ class MaskedProcess(SampledSoftmax, Process):
             loss = ce.mean()
         else:  # nothing masked in the whole batch: a zero that still reaches the graph
             loss = logits.sum() * 0.0
+        visible_ce = None
+        if ce_visible is not None and ce_visible.shape[1] > 0:  # the weighted mean over the visible tokens
+            visible_ce = (ce_visible[0] * ce_visible[1]).sum() / ce_visible[1].sum()
+            loss = loss + self.substitute_weight * visible_ce
         with torch.no_grad():
             acc = (logits.argmax(-1) == target).float().mean() if N > 0 else torch.tensor(float("nan"))
             metrics = {
@@ -162,6 +237,8 @@ class MaskedProcess(SampledSoftmax, Process):
                 "nll": float(nll.mean()),
                 "mask_frac": float(masked.float().mean()),
             }
+            if ce_visible is not None:
+                metrics["visible_ce"] = float(visible_ce) if visible_ce is not None else float("nan")
         return loss, metrics
 
     def clean_logits(
@@ -211,5 +288,5 @@ class MaskedProcess(SampledSoftmax, Process):
         total = torch.zeros(B, device=x0.device)
         for k in range(num_t):
             t = torch.full((B,), self.eps + (1.0 - self.eps) * (k + 0.5) / num_t, device=x0.device)
-            total += self._terms(model, x0, z, None, t, gen)[3]
+            total += self._terms(model, x0, z, None, t, gen)[3]  # never substitutes
         return total * (1.0 - self.eps) / num_t

@@ -64,6 +64,11 @@ add the kept direction: cond_now + (s - 1) * (cond_then - null_then) (at refresh
 null)). Approximate: the kept direction comes from an earlier, more masked state. Keeping the null logits instead
 (null_then + s * (cond_now - null_then)) strays further from exact guidance (bench/RESULTS.md "Twelfth round").
 A masked position with no kept entry (re-masked by sampling.remask) makes that step run the null pass.
+Self-correction (sampling.correct = C > 0, sampling.correct_frac = f): after the last step, C rounds of: one full
+(guided) pass over the decoded row at mask fraction 0 scores every decoded token by the model's log-probability
+of it there; the ceil(f * n) lowest-scoring of the row's n decoded positions (at least one) are masked and refilled
+in one step. For decoders trained with substitution noise (diffusion.substitute), whose probability of a visible
+token says whether it belongs; each round costs two passes (x2 with guidance).
 Self-conditioned models decode exactly (a warning). The kept directions are a float32 (masked positions x scored
 ids) table: ~40 MB at batch 64 with the fiction shortlist (2,304 ids), up to ~0.3 GB over the full vocabulary.
 Row-wise work on the (N, V) logits runs in cache-sized slices of rows (guidance.row_slices): on this CPU a
@@ -382,15 +387,55 @@ class MaskGITSampler(Sampler):
         """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = slot_width(lengths); see Sampler.sample.
 
         init (B, L) long, optional: start from this partly decoded state instead of all MASK (lengths is then
-        ignored): only its MASK positions are decoded, on the same cosine schedule over their count (refinement)."""
+        ignored): only its MASK positions are decoded, on the same cosine schedule over their count (refinement).
+        sampling.correct > 0: that many self-correction rounds follow (see correct)."""
         s = self.cfg.sampling
-        mask_id = process.mask_id
-        if mask_id is None:
+        if process.mask_id is None:
             raise ConfigError(
                 f"the maskgit sampler needs a process with a MASK state; {type(process).__name__} has none"
             )
+        if s.correct < 0 or not 0.0 < s.correct_frac < 1.0:
+            raise ConfigError(f"sampling.correct must be >= 0 and sampling.correct_frac in (0, 1), got "
+                              f"{s.correct} and {s.correct_frac}")
+        x = self._decode(model, process, z, lengths, cfg_scale, s.steps, generator, callback, init)
+        if s.correct > 0:  # the positions this call decoded
+            if init is not None:
+                decoded = init.to(x.device) == process.mask_id
+            else:
+                decoded = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
+            x = self.correct(model, process, z, x, decoded, cfg_scale, s.correct, s.correct_frac, generator)
+        return x
+
+    @torch.no_grad()
+    def correct(self, model, process, z, x, decoded, cfg_scale, rounds: int, frac: float, generator=None):
+        """Self-correction: `rounds` times, score every decoded position (decoded (B, L) bool) by log p(x_l | x)
+        from one full guided pass over x (no position masked, the model's time input at mask fraction 0), mask
+        the ceil(frac * count) lowest-scoring decoded positions of each row (at least one) and refill them in one
+        MaskGIT step (repetition penalty, dedupe and shortlist as configured). Returns x (B, L).
+
+        Meaningful for a decoder trained with diffusion.substitute > 0, which learned what a visible token's
+        probability says; one trained on masked positions only was never taught it."""
+        mask_id = process.mask_id
+        B, L = x.shape
+        step_model = guided(model, cfg_scale)
+        zero = torch.zeros(B, device=x.device)
+        count = decoded.sum(dim=1)  # (B,)
+        n_mask = torch.clamp(torch.ceil(frac * count.double()).long(), min=1)
+        n_mask = torch.where(count > 0, torch.minimum(n_mask, count), 0)
+        for _ in range(rounds):
+            logits = process.clean_logits(step_model, x, zero, z, select=decoded)  # (N, V), [MASK] excluded
+            own = logits.log_softmax(-1).gather(1, x[decoded][:, None])[:, 0]  # (N,) log p(current token)
+            score = torch.full((B, L), math.inf, dtype=torch.float64, device=x.device)
+            score = score.masked_scatter(decoded, own.double())
+            again = (ranks_in_rows(score, descending=False) < n_mask[:, None]) & decoded
+            x = self._decode(model, process, z, None, cfg_scale, 1, generator, None, x.masked_fill(again, mask_id))
+        return x
+
+    def _decode(self, model, process, z, lengths, cfg_scale, K: int, generator, callback, init):
+        """The MaskGIT loop of `sample` in K steps (no self-correction)."""
+        s = self.cfg.sampling
+        mask_id = process.mask_id
         pad_id = getattr(process, "pad_id", PAD_ID)
-        K = s.steps
         device = z.device
         B = z.shape[0]
         step_model = guided(model, cfg_scale)
