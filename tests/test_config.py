@@ -167,6 +167,24 @@ def test_softmax_sample_is_validated(overrides, fragment):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["diffusion.substitute=1.0"], r"diffusion\.substitute must be in \[0, 1\)"),
+        (["diffusion.substitute=0.1", "diffusion.process=score_entropy", "sampling.sampler=euler"],
+         "masked only"),
+        (["diffusion.substitute_weight=-1"], "substitute_weight must be >= 0"),
+        (["sampling.correct=-1"], r"sampling\.correct must be >= 0"),
+        (["sampling.correct_frac=0"], r"correct_frac must be in \(0, 1\)"),
+        (["sampling.correct=2", "diffusion.process=score_entropy", "sampling.sampler=euler"],
+         "sampling.correct is a MaskGIT step"),
+    ],
+)
+def test_substitution_and_correction_settings_are_validated(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, overrides)
+
+
 def test_shortlist_settings_are_validated():
     from sgdd.config import Config, validate_config
 

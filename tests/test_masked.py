@@ -370,3 +370,100 @@ def test_self_condition_trains_its_input_map_with_a_real_decoder():
     loss, _ = proc.loss(dec, clean_batch(), torch.randn(6, 4))
     loss.backward()
     assert dec.sc_proj.weight.grad is not None and dec.sc_proj.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# substitution noise (diffusion.substitute)
+
+
+def substitute_process(p, weight=1.0, counts=None) -> MaskedProcess:
+    cfg = Config()
+    cfg.diffusion = dataclasses.replace(cfg.diffusion, substitute=p, substitute_weight=weight)
+    proc = PROCESSES.get("masked")(cfg)
+    if counts is None:  # only id 5 has a count: every unigram draw is 5
+        counts = torch.zeros(V)
+        counts[[0, 1, 2, 5]] = 100.0  # specials' counts are never drawn
+    proc.set_token_counts(counts)
+    return proc
+
+
+class BowTableModel(TableModel):
+    """TableModel with a bag-of-words head that puts all its mass on id 7."""
+
+    bow_mlp = torch.nn.Identity()
+
+    def bow_logits(self, z):
+        out = torch.full((z.shape[0], V), -30.0)
+        out[:, 7] = 30.0
+        out[:, [0, 1, 2]] = 60.0  # specials: never drawn even when the head favours them
+        return out
+
+
+def _x0_without(ids, B=40, L=9, seed=0):
+    """clean_batch-shaped rows whose tokens avoid `ids`, so a substituted position is recognisable."""
+    x0 = clean_batch(B, L, seed)
+    allowed = torch.tensor([i for i in range(3, V) if i not in ids])
+    tokens = x0 >= 3
+    x0[tokens] = allowed[torch.randint(len(allowed), (int(tokens.sum()),), generator=torch.Generator().manual_seed(1))]
+    return x0
+
+
+@pytest.mark.parametrize("bow", [False, True])
+def test_substitution_replaces_visible_tokens_only_and_scores_them(bow):
+    x0 = _x0_without({5, 7})
+    model = (BowTableModel if bow else TableModel)(*x0.shape)
+    proc = substitute_process(0.5)
+    torch.manual_seed(0)
+    proc.loss(model, x0, torch.zeros(x0.shape[0], 4))
+    x_t, _, select = model.calls[0]
+    masked = x_t == MASK_ID
+    changed = ~masked & (x_t != x0)
+    assert not (changed & (x0 == 0)).any()  # PAD never substituted
+    visible_tokens = ~masked & (x0 != 0)
+    share = float(changed.sum()) / float(visible_tokens.sum())
+    assert 0.4 < share < 0.6
+    drawn = set(x_t[changed].tolist())
+    assert drawn == ({5, 7} if bow else {5})  # unigram (and bag-of-words) draws, never a special id
+    # scored: every masked position, every substituted one, and some (not all) of the unchanged visible tokens
+    assert select[masked].all() and select[changed].all()
+    kept = visible_tokens & ~changed
+    assert 0 < int((select & kept).sum()) < int(kept.sum())
+    assert not (select & ~masked & (x0 == 0)).any()  # visible PAD is never scored
+
+
+def test_substitution_adds_the_weighted_visible_cross_entropy():
+    x0 = clean_batch(B=8)
+    z = torch.zeros(x0.shape[0], 4)
+    model = TableModel(*x0.shape)
+    losses = {}
+    for w in (0.0, 2.0):
+        torch.manual_seed(3)
+        loss, metrics = substitute_process(0.3, weight=w).loss(model, x0, z)
+        losses[w] = float(loss.detach()), metrics
+    (l0, m0), (l2, m2) = losses[0.0], losses[2.0]
+    assert m2["ce"] == pytest.approx(m0["ce"])  # the same draw: the masked term is unchanged
+    assert m0["visible_ce"] == pytest.approx(m2["visible_ce"]) and m2["visible_ce"] > 0
+    assert l2 == pytest.approx(l0 + 2.0 * m2["visible_ce"], rel=1e-5)
+
+
+def test_substitution_is_training_only_and_needs_counts():
+    x0 = clean_batch()
+    z = torch.zeros(x0.shape[0], 4)
+    model = TableModel(*x0.shape)
+    with torch.no_grad():  # validation: no substitution, the plain process's loss
+        torch.manual_seed(9)
+        a, metrics = substitute_process(0.5).loss(model, x0, z)
+        torch.manual_seed(9)
+        b = make_process().loss(model, x0, z)[0]
+    assert float(a) == pytest.approx(float(b)) and "visible_ce" not in metrics
+    x_t = model.calls[0][0]
+    assert ((x_t == MASK_ID) | (x_t == x0)).all()
+    cfg = Config()
+    cfg.diffusion = dataclasses.replace(cfg.diffusion, substitute=0.2)
+    with pytest.raises(RuntimeError, match="set_token_counts"):
+        PROCESSES.get("masked")(cfg).loss(model, x0, z)
+    with pytest.raises(ValueError, match="token counts"):
+        PROCESSES.get("masked")(cfg).set_token_counts(None)
+    cfg.diffusion = dataclasses.replace(cfg.diffusion, substitute=1.0)
+    with pytest.raises(ValueError, match="substitute"):
+        PROCESSES.get("masked")(cfg)

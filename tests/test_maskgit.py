@@ -782,3 +782,44 @@ def test_guidance_refresh_is_validated():
     cfg.sampling.guidance_refresh = -1
     with pytest.raises(ConfigError, match="guidance_refresh must be >= 0"):
         validate_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# self-correction (sampling.correct)
+
+
+def test_correction_remasks_the_least_likely_token_and_refills_it():
+    """TargetModel's probability of a visible token is low where it differs from the target: each round fixes
+    the row's worst token (frac small: one per row); positions outside `decoded` are never touched."""
+    B, L = 3, 9
+    target = _target(B, L, seed=5)
+    x = target.clone()
+    x[0, 3] = (target[0, 3] - 3 + 1) % (V - 3) + 3  # a wrong token
+    x[0, 6] = (target[0, 6] - 3 + 1) % (V - 3) + 3  # a second one in the same row
+    x[1, 5] = (target[1, 5] - 3 + 1) % (V - 3) + 3
+    decoded = torch.ones(B, L, dtype=torch.bool)
+    sampler = MaskGITSampler(make_cfg())
+    model = TargetModel(target)
+    one = sampler.correct(model, FakeProcess(), rowz(B), x, decoded, 1.0, rounds=1, frac=0.01)
+    assert len(model.calls) == 2  # one scoring pass, one refill step
+    assert torch.equal(one[1:], target[1:])  # row 1's only error fixed, row 2 unchanged
+    assert int((one[0] != target[0]).sum()) == 1  # one of row 0's two errors left
+    two = sampler.correct(TargetModel(target), FakeProcess(), rowz(B), x, decoded, 1.0, rounds=2, frac=0.01)
+    assert torch.equal(two, target)
+    decoded[0, 3] = False  # not this call's to decode: kept as is
+    kept = sampler.correct(TargetModel(target), FakeProcess(), rowz(B), x, decoded, 1.0, rounds=3, frac=0.01)
+    assert kept[0, 3] == x[0, 3] and torch.equal(kept[0, 4:], target[0, 4:]) and torch.equal(kept[1:], target[1:])
+
+
+def test_sample_runs_the_configured_correction_rounds():
+    target = _target(B=3, L=12, seed=6)
+    lengths = torch.tensor([12, 8, 4])
+    K = 6
+    model = TargetModel(target)
+    x = MaskGITSampler(make_cfg(steps=K, correct=2, correct_frac=0.2)).sample(
+        model, FakeProcess(), rowz(3), lengths, 1.0)
+    assert len(model.calls) == K + 2 * 2
+    assert torch.equal(x, torch.where(torch.arange(12)[None] < lengths[:, None], target, PAD))
+    for bad in ({"correct": -1}, {"correct_frac": 0.0}, {"correct_frac": 1.0}):
+        with pytest.raises(ConfigError, match="correct"):
+            MaskGITSampler(make_cfg(**bad))

@@ -82,6 +82,34 @@ def test_training_with_the_sampled_softmax_counts_tokens_and_runs(tmp_path, real
     assert counts is not None and counts[:3].tolist() == [0, 0, 0] and counts.sum() > 100
 
 
+def test_training_with_substitution_noise_runs_and_corrects_at_decoding(tmp_path, real_sentences):
+    seen: list = []
+    from sgdd.diffusion.masked import MaskedProcess
+
+    original = MaskedProcess.loss
+
+    def spy(self, *args, **kw):
+        loss, metrics = original(self, *args, **kw)
+        seen.append(metrics)
+        return loss, metrics
+
+    overrides = tiny_train_overrides(tmp_path, real_sentences[:48]) + [
+        "diffusion.softmax_sample=16", "diffusion.substitute=0.2", "training.eval_every=3"]
+    import unittest.mock
+
+    with unittest.mock.patch.object(MaskedProcess, "loss", spy):
+        result = train(load_config(None, overrides))
+    assert result.step == 6
+    trained = [m for m in seen if "visible_ce" in m]  # training steps score visible tokens; validation does not
+    assert len(trained) == 6 and all(math.isfinite(m["visible_ce"]) and m["visible_ce"] > 0 for m in trained)
+    assert len(seen) > len(trained)
+    from sgdd.api import SGDD
+
+    model = SGDD.from_pretrained(result.run_dir / "latest", device="cpu")
+    out = model.reconstruct(real_sentences[:3], correct=2, correct_frac=0.3)
+    assert len(out) == 3 and all(isinstance(t, str) for t in out)
+
+
 def test_resume_continues_with_identical_losses(tmp_path, real_sentences):
     full: list = []
     (tmp_path / "a").mkdir()

@@ -133,6 +133,11 @@ _DECODING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--guidance-refresh", "guidance_refresh", int,
      "MaskGIT with guidance: run the null pass every G steps and add its last guidance direction in between "
      "(0 = every step, exact); default: the checkpoint's"),
+    ("--correct", "correct", int,
+     "MaskGIT: self-correction rounds after decoding (re-mask the lowest-scoring decoded tokens, refill them; "
+     "0 = off); default: the checkpoint's"),
+    ("--correct-frac", "correct_frac", float,
+     "MaskGIT: share of each row's decoded tokens re-masked per self-correction round; default: the checkpoint's"),
 )
 
 
