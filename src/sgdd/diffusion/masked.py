@@ -29,11 +29,11 @@ holding a token (PAD excluded) is replaced w.p. p by a wrong id, drawn half the 
 distribution (function-word errors) and half from the row's bag-of-words head, softmax(bow_logits(z)) (words of
 the sentence's topic in the wrong place: the kind of error the decoder itself makes); without a bag-of-words head
 all from the unigram. The loss gains diffusion.substitute_weight * the mean cross-entropy of x_0 over the
-visible token positions (substituted or not; every substituted one and a random quarter of the others are scored,
-those weighted x4: scoring them all cost ~20 % of the training speed), so the model learns p(x_0 | x_t) where x_t may hold wrong tokens,
-and its probability of a visible token says whether that token belongs there: what MaskGIT's self-correction
-(sampling.correct) scores decoded tokens with. The time input and the ELBO term (masked positions) are as
-without substitution; validation losses and `nll` never substitute.
+visible token positions (substituted or not; every substituted one and a random quarter of the others are
+scored, those weighted x4: scoring them all cost ~20 % of the training speed), so the model learns
+p(x_0 | x_t) where x_t may hold wrong tokens, and its probability of a visible token says whether that token
+belongs there: what MaskGIT's self-correction (sampling.correct) scores decoded tokens with. The time input and
+the ELBO term (masked positions) are as without substitution; validation losses and `nll` never substitute.
 """
 
 from __future__ import annotations
