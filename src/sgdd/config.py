@@ -76,7 +76,8 @@ class DiffusionConfig:
     # half drawn from the bag-of-words head) and visible token positions are scored too, with weight
     # substitute_weight: the model learns which visible tokens do not belong. 0.15 at 60 minutes (fiction): BLEU
     # 9.99 vs 10.04 (16 steps CFG 1.5), 10.68 vs 10.77-11.07 (24 steps CFG 1.0), token F1 52.8 vs 51.4-51.6, NLL
-    # 1.41 vs 1.45, 14 % fewer steps (bench/RESULTS.md "Twenty-third round"). 0 = off
+    # 1.41 vs 1.45, 14 % fewer steps, one run; 10-minute quickstart, two seeds: BLEU 2.45 / 2.52 vs 1.93 / 1.83
+    # (bench/RESULTS.md "Twenty-third round"). 0 = off
     substitute: float = 0.0
     substitute_weight: float = 1.0
     # score-entropy process (SEDD)
@@ -217,7 +218,7 @@ class SamplingConfig:
     # MaskGIT self-correction after the last step: `correct` rounds of "score each decoded token by the model's
     # probability of it given the whole decoded row (one full pass), re-mask the correct_frac lowest-scoring
     # (at least one per row) and refill them in one step". 60-minute fiction models, 1,000 held-out sentences, 16
-    # steps CFG 1.5: BLEU +0.22 / +0.24 for one round, +0.24 / +0.33 for two (with / without diffusion.substitute
+    # steps CFG 1.5: BLEU +0.22 / +0.24 for one round, +0.24 / +0.33 for two (without / with diffusion.substitute
     # in training), 27 % slower decoding per round; +0.04 / +0.07 at 24 steps CFG 1.0 (bench/RESULTS.md
     # "Twenty-third round"). 0 = off
     correct: int = 0
