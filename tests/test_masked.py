@@ -467,3 +467,116 @@ def test_substitution_is_training_only_and_needs_counts():
     cfg.diffusion = dataclasses.replace(cfg.diffusion, substitute=1.0)
     with pytest.raises(ValueError, match="substitute"):
         PROCESSES.get("masked")(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# trained corrector (diffusion.corrector)
+
+
+class PositionModel(torch.nn.Module):
+    """Logits from a learnable (L, V) table shared by all rows (any batch size), ignoring x_t and z; records its
+    calls; a hypothesis input that adds nothing (hypothesis_latent returns z)."""
+
+    def __init__(self, L, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(L, V, generator=g))
+        self.hyp_proj = torch.nn.Linear(3, 4)
+        self.calls = []
+
+    def hypothesis_latent(self, z, e_hyp):
+        self.calls.append(("hyp", e_hyp.clone()))
+        return z
+
+    def forward(self, x_t, t, z, uncond=None, select=None, columns=None, target=None):
+        self.calls.append((x_t.clone(), None if select is None else select.clone()))
+        out = self.table.expand(x_t.shape[0], -1, -1)
+        out = out if select is None else out[select]
+        if columns is not None:
+            out = torch.cat([out[:, columns], out.gather(1, target[:, None])], dim=1)
+        return out
+
+
+def corrector_process(q, weight=1.0) -> MaskedProcess:
+    cfg = Config()
+    cfg.diffusion = dataclasses.replace(cfg.diffusion, corrector=q, corrector_weight=weight)
+    return PROCESSES.get("masked")(cfg)
+
+
+def test_corrector_rows_fill_a_hypothesis_reembed_it_and_score_the_wrong_tokens():
+    B, L = 64, 9
+    x0 = clean_batch(1, L).repeat(B, 1)  # identical rows: whichever rows become corrector rows, x_0 is known
+    model = PositionModel(L)
+    proc = corrector_process(0.25)
+    seen = []
+    proc.set_hypothesis_encoder(lambda ids: (seen.append(ids.clone()), torch.ones(ids.shape[0], 3))[1])
+    torch.manual_seed(0)
+    loss, metrics = proc.loss(model, x0, torch.zeros(B, 4))
+    assert torch.isfinite(loss) and metrics["corrector_ce"] > 0 and 0 <= metrics["hyp_acc"] <= 1
+    (x_h, sel_h), (tag, e_hyp), (x_c, sel_c), (x_main, _) = model.calls
+    n = B // 4
+    assert tag == "hyp" and torch.equal(e_hyp, torch.ones(n, 3))
+    assert x_h.shape[0] == x_c.shape[0] == n and x_main.shape[0] == B - n  # a quarter of the rows
+    # the hypothesis: x_0 where the hypothesis pass saw it, the model's argmax (per position here) where masked
+    hyp = seen[0]
+    t = model.table.detach().clone()
+    t[:, MASK_ID] = float("-inf")
+    assert torch.equal(hyp, torch.where(sel_h, t.argmax(-1).expand_as(hyp), x0[:n]))
+    assert torch.equal(sel_h, x_h == MASK_ID) and float(sel_h.float().mean()) > 0.5  # times in [1/2, 1]: ~63 %
+    right = float(((hyp == x0[:n]) & (x0[:n] != 0)).sum()) / float((x0[:n] != 0).sum())
+    assert metrics["hyp_acc"] == pytest.approx(right)
+    # the corrector's input: the hypothesis partly re-masked (at most about half); scored: every masked and every
+    # wrong visible position, some but not all of the right ones, never a position PAD in both
+    masked = x_c == MASK_ID
+    assert torch.equal(x_c[~masked], hyp[~masked]) and 0 < float(masked.float().mean()) < 0.5
+    wrong = ~masked & (hyp != x0[:n])
+    assert sel_c[masked].all() and sel_c[wrong].all()
+    right_visible = ~masked & ~wrong & ((x0[:n] != 0) | (hyp != 0))
+    assert 0 < int((sel_c & right_visible).sum()) < int(right_visible.sum())
+    assert not (sel_c & ~masked & (x0[:n] == 0) & (hyp == 0)).any()
+
+
+def test_corrector_loss_weight_training_only_and_needs_the_encoder():
+    x0 = clean_batch(B=8)
+    z = torch.zeros(8, 4)
+    losses = {}
+    for w in (0.0, 3.0):
+        proc = corrector_process(0.5, weight=w)
+        proc.set_hypothesis_encoder(lambda ids: torch.ones(ids.shape[0], 3))
+        torch.manual_seed(4)
+        loss, metrics = proc.loss(PositionModel(9), x0, z)
+        losses[w] = float(loss.detach()), metrics
+    (l0, m0), (l3, m3) = losses[0.0], losses[3.0]
+    assert m0["corrector_ce"] == pytest.approx(m3["corrector_ce"]) and m3["corrector_ce"] > 0
+    assert l3 == pytest.approx(l0 + 3.0 * m3["corrector_ce"], rel=1e-5)
+    with torch.no_grad():  # validation: every row an ordinary row, no encoder needed
+        torch.manual_seed(9)
+        a, metrics = corrector_process(0.5).loss(PositionModel(9), x0, z)
+        torch.manual_seed(9)
+        b = make_process().loss(PositionModel(9), x0, z)[0]
+    assert float(a) == pytest.approx(float(b)) and "corrector_ce" not in metrics
+    with pytest.raises(RuntimeError, match="set_hypothesis_encoder"):
+        corrector_process(0.5).loss(PositionModel(9), x0, z)
+    with pytest.raises(ValueError, match="corrector"):
+        corrector_process(1.0)
+
+
+def test_corrector_trains_the_zero_initialised_hypothesis_map_of_a_real_decoder():
+    from sgdd.models import Decoder
+
+    cfg = ModelConfig(init_from="scratch", num_layers=1, hidden_size=32, num_heads=4, latent_dim=4, bow_head=False)
+    assert Decoder(cfg, V, 9).hyp_proj is None
+    dec = Decoder(cfg, V, 9, hypothesis_dim=3)
+    z, e = torch.randn(6, 4), torch.randn(6, 3)
+    assert torch.equal(dec.hypothesis_latent(z, e), z)  # zero map: a hypothesis changes nothing at step 0
+    with torch.no_grad():  # zero AdaLN modulation would block every gradient into the condition: a trained decoder
+        for block in dec.blocks:
+            torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.05)
+    proc = corrector_process(0.5)
+    proc.set_hypothesis_encoder(lambda ids: torch.randn(ids.shape[0], 3))
+    torch.manual_seed(0)
+    loss, _ = proc.loss(dec, clean_batch(), torch.randn(6, 4))
+    loss.backward()
+    assert dec.hyp_proj.weight.grad is not None and dec.hyp_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="corrector: 0"):
+        Decoder(cfg, V, 9).hypothesis_latent(z, e)

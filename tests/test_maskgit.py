@@ -823,3 +823,46 @@ def test_sample_runs_the_configured_correction_rounds():
     for bad in ({"correct": -1}, {"correct_frac": 0.0}, {"correct_frac": 1.0}):
         with pytest.raises(ConfigError, match="correct"):
             MaskGITSampler(make_cfg(**bad))
+
+
+class HypTarget(TargetModel):
+    """TargetModel with a hypothesis input: hypothesis_latent marks z's first column (the row index in the last
+    column is kept); records the latents each call received."""
+
+    hyp_proj = object()
+
+    def __init__(self, target):
+        super().__init__(target)
+        self.latents = []
+
+    def hypothesis_latent(self, z, e_hyp):
+        out = z.clone()
+        out[:, 0] = 100.0 + e_hyp[:, 0]
+        return out
+
+    def __call__(self, x_t, t, z, uncond=None, select=None):
+        self.latents.append(z.clone())
+        return super().__call__(x_t, t, z, uncond, select)
+
+
+def test_correction_rounds_condition_on_each_rounds_reembedded_hypothesis():
+    B, L = 2, 9
+    target = _target(B, L, seed=5)
+    x = target.clone()
+    x[0, 3] = (target[0, 3] - 3 + 1) % (V - 3) + 3
+    x[1, 5] = (target[1, 5] - 3 + 1) % (V - 3) + 3
+    decoded = torch.ones(B, L, dtype=torch.bool)
+    sampler = MaskGITSampler(make_cfg())
+    hyps = []
+    sampler.hypothesis_fn = lambda ids: (hyps.append(ids.clone()), torch.full((ids.shape[0], 3), float(len(hyps))))[1]
+    model = HypTarget(target)
+    out = sampler.correct(model, FakeProcess(), rowz(B), x, decoded, 1.0, rounds=2, frac=0.01)
+    assert torch.equal(out, target)
+    assert len(hyps) == 2 and torch.equal(hyps[0], x) and torch.equal(hyps[1], target)  # each round's hypothesis
+    assert len(model.latents) == 4  # scoring + refill per round, each with that round's condition
+    assert all((zz[:, 0] == 101.0).all() for zz in model.latents[:2])
+    assert all((zz[:, 0] == 102.0).all() for zz in model.latents[2:])
+    # a decoder without a hypothesis input ignores hypothesis_fn
+    plain = TargetModel(target)
+    sampler.correct(plain, FakeProcess(), rowz(B), x, decoded, 1.0, rounds=1, frac=0.01)
+    assert len(hyps) == 2

@@ -110,6 +110,39 @@ def test_training_with_substitution_noise_runs_and_corrects_at_decoding(tmp_path
     assert len(out) == 3 and all(isinstance(t, str) for t in out)
 
 
+def test_training_with_corrector_rows_conditions_correction_on_the_hypothesis(tmp_path, real_sentences, monkeypatch):
+    from sgdd.diffusion.masked import MaskedProcess
+
+    seen: list = []
+    original = MaskedProcess.loss
+
+    def spy(self, *args, **kw):
+        loss, metrics = original(self, *args, **kw)
+        seen.append(metrics)
+        return loss, metrics
+
+    monkeypatch.setattr(MaskedProcess, "loss", spy)
+    overrides = tiny_train_overrides(tmp_path, real_sentences[:48]) + [
+        "diffusion.softmax_sample=16", "diffusion.corrector=0.25", "training.eval_every=3"]
+    result = train(load_config(None, overrides))
+    trained = [m for m in seen if "corrector_ce" in m]  # training steps only
+    assert len(trained) == 6 and all(math.isfinite(m["corrector_ce"]) and 0 <= m["hyp_acc"] <= 1 for m in trained)
+    assert len(seen) > len(trained)
+    from sgdd.api import SGDD
+
+    model = SGDD.from_pretrained(result.run_dir / "latest", device="cpu")
+    assert model.net.decoder.hyp_proj is not None
+    assert model.net.decoder.hyp_proj.weight.abs().sum() > 0  # trained away from its zero start
+    calls: list = []
+    encode_ids = model._encode_ids
+    monkeypatch.setattr(model, "_encode_ids", lambda ids: (calls.append(ids.shape), encode_ids(ids))[1])
+    out = model.reconstruct(real_sentences[:3], correct=2, correct_frac=0.3)
+    assert len(out) == 3 and all(isinstance(t, str) for t in out)
+    assert len(calls) == 2 and all(c[0] == 3 for c in calls)  # one re-embedding per correction round
+    model.reconstruct(real_sentences[:3], correct=0)
+    assert len(calls) == 2
+
+
 def test_resume_continues_with_identical_losses(tmp_path, real_sentences):
     full: list = []
     (tmp_path / "a").mkdir()

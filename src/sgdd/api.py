@@ -103,6 +103,12 @@ class SGDD:
         texts = check_texts(texts)
         return self.encoder.encode(texts, batch_size=self.cfg.encoder.batch_size).float()
 
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) decoder ids -> (B, De) vectors of the texts they spell (an empty text encodes as ".")."""
+        texts = self.vocab.decode_batch(ids.cpu())
+        return self.encoder.encode([t if t.strip() else "." for t in texts],
+                                   batch_size=self.cfg.encoder.batch_size).float().to(self.device)
+
     def _warn_long(self, texts: list[str]) -> None:
         limit = self.cfg.data.max_length - 1
         for i, t in enumerate(texts):
@@ -136,6 +142,8 @@ class SGDD:
         from sgdd.sampling import build_sampler
 
         sampler = build_sampler(cfg, token_counts=self.vocab.counts)
+        if getattr(self.net.decoder, "hyp_proj", None) is not None and hasattr(sampler, "hypothesis_fn"):
+            sampler.hypothesis_fn = self._encode_ids  # trained corrector: correction rounds see the hypothesis
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return decode_sorted(self.net, self.process, sampler, self.vocab, z, cfg, cfg.sampling.batch_size,
                              generator=gen, callback=callback, lengths=lengths)

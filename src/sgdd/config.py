@@ -80,6 +80,14 @@ class DiffusionConfig:
     # (bench/RESULTS.md "Twenty-third round"). 0 = off
     substitute: float = 0.0
     substitute_weight: float = 1.0
+    # masked process, training steps: a trained corrector. This share of each batch's rows becomes corrector rows:
+    # the model's own one-step prediction from a random masking is the hypothesis, the frozen encoder re-embeds it,
+    # and the decoder learns p(x_0 | hypothesis partly re-masked, z + W e_hyp) at the masked and the visible
+    # positions (W: a zero-initialised map from the encoder space into the latent, model built with it whenever
+    # corrector > 0). MaskGIT's self-correction rounds (sampling.correct) then condition on each round's
+    # re-embedded hypothesis. corrector_weight scales their loss. 0 = off
+    corrector: float = 0.0
+    corrector_weight: float = 1.0
     # score-entropy process (SEDD)
     graph: str = "absorbing"  # absorbing | uniform
     noise: str = "loglinear"  # loglinear | geometric
@@ -509,6 +517,14 @@ def validate_config(cfg: Config, where: str = "config") -> None:
                           "for score_entropy")
     if d.substitute_weight < 0:
         raise ConfigError(f"{where}: diffusion.substitute_weight must be >= 0, got {d.substitute_weight}")
+    if not 0.0 <= d.corrector < 1.0:
+        raise ConfigError(f"{where}: diffusion.corrector must be in [0, 1) (the share of training rows; 0 = off), "
+                          f"got {d.corrector}")
+    if d.corrector > 0 and d.process != "masked":
+        raise ConfigError(f"{where}: diffusion.corrector works with diffusion.process = masked only; set it to 0 "
+                          "for score_entropy")
+    if d.corrector_weight < 0:
+        raise ConfigError(f"{where}: diffusion.corrector_weight must be >= 0, got {d.corrector_weight}")
     if cfg.sampling.correct < 0:
         raise ConfigError(f"{where}: sampling.correct must be >= 0 (rounds; 0 = off), got {cfg.sampling.correct}")
     if not 0.0 < cfg.sampling.correct_frac < 1.0:

@@ -206,6 +206,20 @@ def pretrain_latent(
             "pretrain/seconds": time.monotonic() - t0}
 
 
+def ids_encoder(cfg: Config, vocab, device):
+    """The frozen encoder as a function of decoder ids: (B, L) long -> (B, De) float32 vectors of the texts the
+    rows spell (an empty text encodes as "."); loaded once, on `device`."""
+    from sgdd.encoders import build_encoder
+
+    encoder = build_encoder(cfg.encoder, device=device)
+
+    def encode(ids: torch.Tensor) -> torch.Tensor:
+        texts = vocab.decode_batch(ids.cpu())
+        return encoder.encode([t if t.strip() else "." for t in texts], batch_size=cfg.encoder.batch_size).float()
+
+    return encode
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the module DDP wraps
 
@@ -426,6 +440,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         pretrain_seconds = pretrain_metrics["pretrain/seconds"]
     process = build_process(cfg)
     process.set_token_counts(vocab.counts)  # sampled softmax columns, substitution draws (else a no-op)
+    if cfg.diffusion.corrector > 0:  # the corrector rows re-embed their hypotheses with the frozen encoder
+        process.set_hypothesis_encoder(ids_encoder(cfg, vocab, device))
     sampler = build_sampler(cfg, token_counts=vocab.counts)
     step_module = TrainStep(net, process, vocab.PAD, cfg.model.bow_weight).to(device)
     ddp_module: nn.Module = step_module
@@ -615,7 +631,10 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                 remaining = _eta(step, tc.max_steps, elapsed, budget_s)
                 line = (f"step {step} | loss {step_loss:.4f} | acc {step_metrics.get('acc', float('nan')):.3f} | "
                         f"kl {step_metrics.get('kl', 0.0):.2f} | bow_rec {step_metrics.get('bow_recall', float('nan')):.3f} | "
-                        f"len_acc {step_metrics.get('len_acc', float('nan')):.3f} | lr {lr:.2e} | "
+                        f"len_acc {step_metrics.get('len_acc', float('nan')):.3f} | "
+                        + (f"hyp_acc {step_metrics['hyp_acc']:.3f} | corr_ce {step_metrics['corrector_ce']:.3f} | "
+                           if "hyp_acc" in step_metrics else "")
+                        + f"lr {lr:.2e} | "
                         f"{last_metrics['train/sentences_per_s']:.1f} sent/s | "
                         f"{last_metrics['train/tokens_per_s']:.0f} tok/s | "
                         + (f"rss {rss / 1024:.1f} GB | " if rss is not None else "")

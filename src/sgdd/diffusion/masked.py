@@ -34,6 +34,16 @@ scored, those weighted x4: scoring them all cost ~20 % of the training speed), s
 p(x_0 | x_t) where x_t may hold wrong tokens, and its probability of a visible token says whether that token
 belongs there: what MaskGIT's self-correction (sampling.correct) scores decoded tokens with. The time input and
 the ELBO term (masked positions) are as without substitution; validation losses and `nll` never substitute.
+
+Trained corrector (diffusion.corrector = q > 0, training steps only): a random share q of each batch's rows are
+corrector rows instead of ordinary ones. For each, a hypothesis: x_0 masked at a stratified time in [1/2, 1], the masked
+positions filled with the model's own argmax (one pass, no gradient, conditional). The frozen encoder re-embeds
+the hypothesis's text (set_hypothesis_encoder) and the row's condition becomes z + W e_hyp
+(Decoder.hypothesis_latent). The hypothesis is re-masked at a ratio uniform in (0, 1/2] and the model is scored
+on x_0 at its masked positions, at every visible position whose hypothesis token is wrong and at a random quarter
+of the right ones (weighted x4; positions PAD in both excluded). corrector_weight * that weighted mean
+cross-entropy joins the loss. At sampling time MaskGIT's self-correction rounds condition on each round's
+re-embedded hypothesis the same way (sgdd.api). Validation losses and `nll` never use corrector rows.
 """
 
 from __future__ import annotations
@@ -84,6 +94,11 @@ class MaskedProcess(SampledSoftmax, Process):
         if not 0.0 <= self.substitute < 1.0:
             raise ValueError(f"diffusion.substitute must be in [0, 1), got {self.substitute}")
         self._unigram: torch.Tensor | None = None  # (V,) substitution distribution (set_token_counts)
+        self.corrector = float(getattr(d, "corrector", 0.0))
+        self.corrector_weight = float(getattr(d, "corrector_weight", 1.0))
+        if not 0.0 <= self.corrector < 1.0:
+            raise ValueError(f"diffusion.corrector must be in [0, 1), got {self.corrector}")
+        self._encode_ids = None  # decoder ids (B, L) -> (B, De) re-embedded vectors (set_hypothesis_encoder)
         self.self_condition = bool(getattr(cfg.model, "self_condition", False))
         self.self_condition_prob = float(getattr(cfg.model, "self_condition_prob", 0.5))
         SampledSoftmax.__init__(self)
@@ -126,6 +141,54 @@ class MaskedProcess(SampledSoftmax, Process):
         clean = visible & ~sub & (torch.rand(x0.shape, device=x0.device, generator=generator) < CLEAN_SCORED)
         weight = torch.where(clean, 1.0 / CLEAN_SCORED, 1.0)
         return torch.where(sub, draws, x_t), sub | clean, weight
+
+    def set_hypothesis_encoder(self, fn) -> None:
+        """fn: decoder ids (B, L) long -> (B, De) float32, the frozen encoder's vectors of the texts the rows
+        spell. The corrector rows (diffusion.corrector > 0) re-embed their hypotheses with it."""
+        self._encode_ids = fn
+
+    @torch.no_grad()
+    def hypotheses(self, model: ModelFn, x0, z, generator=None) -> torch.Tensor:
+        """x0 (B, L) masked at stratified times in [1/2, 1], the masked positions filled with the model's conditional argmax
+        (full vocabulary, [MASK] excluded): the corrector rows' hypotheses (B, L)."""
+        B, L = x0.shape
+        t = 0.5 + 0.5 * stratified_times(B, self.eps, x0.device, generator)  # the upper half: hypotheses about
+        x_t, masked = self.corrupt(x0, t, generator)  # as wrong as a sampler's (cosine: 29-100 % masked)
+        t_model = self.model_time(self.time_of_mask_ratio(masked.sum(dim=1).float() / L))
+        fill = exclude_class(model(x_t, t_model, z, select=masked), self.mask_id).argmax(-1)
+        return x_t.masked_scatter(masked, fill)
+
+    def corrector_terms(self, model: ModelFn, x0, z, uncond, generator=None, sampled: bool = False):
+        """The corrector rows' loss (see the module docstring): their weighted mean cross-entropy (scalar) and
+        metrics (corrector_ce; hyp_acc: the hypotheses' share of right tokens where x_0 is not PAD)."""
+        if self._encode_ids is None:
+            raise RuntimeError("diffusion.corrector > 0 needs the frozen encoder: call "
+                               "process.set_hypothesis_encoder(fn)")
+        B, L = x0.shape
+        hyp = self.hypotheses(model, x0, z.detach(), generator)
+        e_hyp = self._encode_ids(hyp).to(device=z.device, dtype=torch.float32).clone()  # (B, De)
+        zc = model.hypothesis_latent(z, e_hyp)
+        ratio = 0.5 * (1.0 - torch.rand(B, device=x0.device, generator=generator))  # (0, 1/2]
+        masked = torch.rand(x0.shape, device=x0.device, generator=generator) < ratio[:, None]
+        x_c = hyp.masked_fill(masked, self.mask_id)
+        t_model = self.model_time(self.time_of_mask_ratio(masked.sum(dim=1).float() / L))
+        both_pad = (x0 == self.pad_id) & (hyp == self.pad_id)
+        wrong = ~masked & (hyp != x0)
+        clean = ~masked & ~wrong & ~both_pad & (
+            torch.rand(x0.shape, device=x0.device, generator=generator) < CLEAN_SCORED)
+        scored = masked | wrong | clean
+        target = x0[scored]
+        if sampled:
+            logits, target = self.sampled_logits(model, x_c, t_model, zc, uncond, scored, target, generator)
+        else:
+            logits = exclude_class(model(x_c, t_model, zc, uncond=uncond, select=scored), self.mask_id)
+        ce = F.cross_entropy(logits, target, reduction="none")  # (N,)
+        weight = torch.where(clean, 1.0 / CLEAN_SCORED, 1.0)[scored]
+        loss = (ce * weight).sum() / weight.sum().clamp(min=1.0)
+        real = x0 != self.pad_id
+        metrics = {"corrector_ce": float(loss.detach()),
+                   "hyp_acc": float(((hyp == x0) & real).sum() / real.sum().clamp(min=1))}
+        return loss, metrics
 
     # -----------------------------------------------------------------------------------------------------
     # pieces
@@ -211,10 +274,18 @@ class MaskedProcess(SampledSoftmax, Process):
     def loss(
         self, model: ModelFn, x0: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        B, L = x0.shape
-        t = stratified_times(B, self.eps, x0.device)
         sampled = self.softmax_sample > 0 and torch.is_grad_enabled()
         substitute = self.substitute > 0 and torch.is_grad_enabled()
+        corrector_loss, corrector_metrics = None, {}
+        if self.corrector > 0 and torch.is_grad_enabled() and x0.shape[0] > 1:  # split off the corrector rows
+            n = min(x0.shape[0] - 1, max(1, round(self.corrector * x0.shape[0])))
+            perm = torch.randperm(x0.shape[0], device=x0.device)
+            rows, keep = perm[:n], perm[n:]
+            corrector_loss, corrector_metrics = self.corrector_terms(
+                model, x0[rows], z[rows], None if uncond is None else uncond[rows], sampled=sampled)
+            x0, z, uncond = x0[keep], z[keep], None if uncond is None else uncond[keep]
+        B, L = x0.shape
+        t = stratified_times(B, self.eps, x0.device)
         logits, target, ce, nll, masked, ce_visible = self._terms(model, x0, z, uncond, t, sampled=sampled,
                                                                   substitute=substitute)
         N = ce.shape[0]
@@ -228,6 +299,8 @@ class MaskedProcess(SampledSoftmax, Process):
         if ce_visible is not None and ce_visible.shape[1] > 0:  # the weighted mean over the visible tokens
             visible_ce = (ce_visible[0] * ce_visible[1]).sum() / ce_visible[1].sum()
             loss = loss + self.substitute_weight * visible_ce
+        if corrector_loss is not None:
+            loss = loss + self.corrector_weight * corrector_loss
         with torch.no_grad():
             acc = (logits.argmax(-1) == target).float().mean() if N > 0 else torch.tensor(float("nan"))
             metrics = {
@@ -237,6 +310,7 @@ class MaskedProcess(SampledSoftmax, Process):
                 "nll": float(nll.mean()),
                 "mask_frac": float(masked.float().mean()),
             }
+            metrics.update(corrector_metrics)
             if ce_visible is not None:
                 metrics["visible_ce"] = float(visible_ce) if visible_ce is not None else float("nan")
         return loss, metrics

@@ -159,7 +159,10 @@ class Decoder(nn.Module):
         max_length: int,
         pretrained=None,
         encoder_ids: list[int] | None = None,
+        hypothesis_dim: int = 0,
     ):
+        """hypothesis_dim > 0 (the encoder width; diffusion.corrector > 0): the trained corrector's map from a
+        hypothesis's re-embedded vector into the latent (hypothesis_latent), zero-initialised."""
         super().__init__()
         arch = resolve_arch(cfg, pretrained)
         if cfg.positions == "rope" and cfg.prefix_tokens == 0:
@@ -180,6 +183,7 @@ class Decoder(nn.Module):
         self.t_embed = nn.Sequential(nn.Linear(FREQ_DIM, D), nn.SiLU(), nn.Linear(D, D))
         self.z_embed = nn.Sequential(nn.Linear(cfg.latent_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.z_null = nn.Parameter(torch.zeros(cfg.latent_dim))
+        self.hyp_proj = nn.Linear(hypothesis_dim, cfg.latent_dim) if hypothesis_dim > 0 else None
 
         self.tok_emb = nn.Embedding(vocab_size, D)
         learned = cfg.positions in ("learned", "both")
@@ -257,6 +261,9 @@ class Decoder(nn.Module):
         if self.sc_proj is not None:  # zero: no estimate and any estimate give the same output at step 0
             nn.init.zeros_(self.sc_proj.weight)
             nn.init.zeros_(self.sc_proj.bias)
+        if self.hyp_proj is not None:  # zero: a hypothesis changes nothing until the corrector rows train it
+            nn.init.zeros_(self.hyp_proj.weight)
+            nn.init.zeros_(self.hyp_proj.bias)
         if self.z_pos is not None:  # zero: the pretrained embedding of [MASK] at step 0
             nn.init.zeros_(self.z_pos.weight)
             nn.init.zeros_(self.z_pos.bias)
@@ -568,6 +575,12 @@ class Decoder(nn.Module):
         seen[:, PAD_ID] = 0.0  # PAD fills the tail many times over; MASK is never a target
         seen[:, MASK_ID] = 0.0
         return F.logsigmoid(s + seen * self.bow_seen.float())
+
+    def hypothesis_latent(self, z: torch.Tensor, e_hyp: torch.Tensor) -> torch.Tensor:
+        """The corrector's condition: z (B, Dz) + W e_hyp, e_hyp (B, De) the hypothesis's re-embedded vector."""
+        if self.hyp_proj is None:
+            raise RuntimeError("this decoder was built without a hypothesis input (diffusion.corrector: 0)")
+        return z + self.hyp_proj(e_hyp.to(self.hyp_proj.weight.dtype)).to(z.dtype)
 
     def bow_logits(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, Dz) -> (B, V) logits of each vocabulary token occurring in the sentence."""

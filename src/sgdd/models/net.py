@@ -43,7 +43,8 @@ class SGDDNet(nn.Module):
         m = cfg.model
         self.vib = VIB(encoder_dim, m.latent_dim)
         self.decoder = Decoder(
-            m, vocab_size, cfg.data.max_length, pretrained=pretrained, encoder_ids=encoder_ids
+            m, vocab_size, cfg.data.max_length, pretrained=pretrained, encoder_ids=encoder_ids,
+            hypothesis_dim=encoder_dim if getattr(cfg.diffusion, "corrector", 0.0) > 0 else 0,
         )
         self.length_head = LengthHead(m.latent_dim, cfg.data.max_length) if m.length_head else None
 

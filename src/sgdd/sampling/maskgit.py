@@ -386,6 +386,9 @@ class MaskGITSampler(Sampler):
         if s.correct < 0 or not 0.0 < s.correct_frac < 1.0:
             raise ConfigError(f"sampling.correct must be >= 0 (0 = off) and sampling.correct_frac in (0, 1), got "
                               f"{s.correct} and {s.correct_frac}")
+        # ids (B, L) -> (B, De) re-embedded vectors; set by the caller (sgdd.api) for a decoder trained with
+        # corrector rows (diffusion.corrector > 0): each correction round then conditions on z + W e_hyp
+        self.hypothesis_fn = None
 
     @torch.no_grad()
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None, init=None):
@@ -416,7 +419,9 @@ class MaskGITSampler(Sampler):
         MaskGIT step (repetition penalty, dedupe and shortlist as configured). Returns x (B, L).
 
         Designed for decoders trained with diffusion.substitute > 0; measured, it helps one trained on masked
-        positions only as much (bench/RESULTS.md "Twenty-third round")."""
+        positions only as much (bench/RESULTS.md "Twenty-third round"). With self.hypothesis_fn set and a decoder
+        built with a hypothesis input (diffusion.corrector > 0), each round's condition is
+        model.hypothesis_latent(z, hypothesis_fn(x)): the row's meaning and its current hypothesis's."""
         mask_id = process.mask_id
         B, L = x.shape
         step_model = guided(model, cfg_scale)
@@ -424,13 +429,15 @@ class MaskGITSampler(Sampler):
         count = decoded.sum(dim=1)  # (B,)
         n_mask = torch.clamp(torch.ceil(frac * count.double()).long(), min=1)
         n_mask = torch.where(count > 0, torch.minimum(n_mask, count), 0)
+        use_hyp = self.hypothesis_fn is not None and getattr(model, "hyp_proj", None) is not None
         for _ in range(rounds):
-            logits = process.clean_logits(step_model, x, zero, z, select=decoded)  # (N, V), [MASK] excluded
+            zr = model.hypothesis_latent(z, self.hypothesis_fn(x).to(z.device)) if use_hyp else z
+            logits = process.clean_logits(step_model, x, zero, zr, select=decoded)  # (N, V), [MASK] excluded
             own = logits.log_softmax(-1).gather(1, x[decoded][:, None])[:, 0]  # (N,) log p(current token)
             score = torch.full((B, L), math.inf, dtype=torch.float64, device=x.device)
             score = score.masked_scatter(decoded, own.double())
             again = (ranks_in_rows(score, descending=False) < n_mask[:, None]) & decoded
-            x = self._decode(model, process, z, None, cfg_scale, 1, generator, None, x.masked_fill(again, mask_id))
+            x = self._decode(model, process, zr, None, cfg_scale, 1, generator, None, x.masked_fill(again, mask_id))
         return x
 
     def _decode(self, model, process, z, lengths, cfg_scale, K: int, generator, callback, init):
