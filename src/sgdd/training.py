@@ -440,9 +440,12 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         pretrain_seconds = pretrain_metrics["pretrain/seconds"]
     process = build_process(cfg)
     process.set_token_counts(vocab.counts)  # sampled softmax columns, substitution draws (else a no-op)
-    if cfg.diffusion.corrector > 0:  # the corrector rows re-embed their hypotheses with the frozen encoder
-        process.set_hypothesis_encoder(ids_encoder(cfg, vocab, device))
     sampler = build_sampler(cfg, token_counts=vocab.counts)
+    if cfg.diffusion.corrector > 0:  # the corrector rows re-embed their hypotheses with the frozen encoder, and so
+        encode_ids = ids_encoder(cfg, vocab, device)  # do the in-training evaluations' correction rounds
+        process.set_hypothesis_encoder(encode_ids)
+        if hasattr(sampler, "hypothesis_fn"):
+            sampler.hypothesis_fn = encode_ids
     step_module = TrainStep(net, process, vocab.PAD, cfg.model.bow_weight).to(device)
     ddp_module: nn.Module = step_module
     if d.world > 1:
