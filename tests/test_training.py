@@ -82,10 +82,11 @@ def test_training_with_the_sampled_softmax_counts_tokens_and_runs(tmp_path, real
     assert counts is not None and counts[:3].tolist() == [0, 0, 0] and counts.sum() > 100
 
 
-def test_training_with_substitution_noise_runs_and_corrects_at_decoding(tmp_path, real_sentences):
-    seen: list = []
+def train_recording_metrics(monkeypatch, overrides: list[str]):
+    """train() with every MaskedProcess.loss call's metrics recorded (training steps and validation)."""
     from sgdd.diffusion.masked import MaskedProcess
 
+    seen: list = []
     original = MaskedProcess.loss
 
     def spy(self, *args, **kw):
@@ -93,12 +94,14 @@ def test_training_with_substitution_noise_runs_and_corrects_at_decoding(tmp_path
         seen.append(metrics)
         return loss, metrics
 
+    monkeypatch.setattr(MaskedProcess, "loss", spy)
+    return train(load_config(None, overrides)), seen
+
+
+def test_training_with_substitution_noise_runs_and_corrects_at_decoding(tmp_path, real_sentences, monkeypatch):
     overrides = tiny_train_overrides(tmp_path, real_sentences[:48]) + [
         "diffusion.softmax_sample=16", "diffusion.substitute=0.2", "training.eval_every=3"]
-    import unittest.mock
-
-    with unittest.mock.patch.object(MaskedProcess, "loss", spy):
-        result = train(load_config(None, overrides))
+    result, seen = train_recording_metrics(monkeypatch, overrides)
     assert result.step == 6
     trained = [m for m in seen if "visible_ce" in m]  # training steps score visible tokens; validation does not
     assert len(trained) == 6 and all(math.isfinite(m["visible_ce"]) and m["visible_ce"] > 0 for m in trained)
@@ -111,20 +114,21 @@ def test_training_with_substitution_noise_runs_and_corrects_at_decoding(tmp_path
 
 
 def test_training_with_corrector_rows_conditions_correction_on_the_hypothesis(tmp_path, real_sentences, monkeypatch):
-    from sgdd.diffusion.masked import MaskedProcess
-
-    seen: list = []
-    original = MaskedProcess.loss
-
-    def spy(self, *args, **kw):
-        loss, metrics = original(self, *args, **kw)
-        seen.append(metrics)
-        return loss, metrics
-
-    monkeypatch.setattr(MaskedProcess, "loss", spy)
     overrides = tiny_train_overrides(tmp_path, real_sentences[:48]) + [
-        "diffusion.softmax_sample=16", "diffusion.corrector=0.25", "training.eval_every=3"]
-    result = train(load_config(None, overrides))
+        "diffusion.softmax_sample=16", "diffusion.corrector=0.25", "training.eval_every=3",
+        "sampling.correct=1"]  # the in-training evaluations correct with the hypothesis too
+    import sgdd.training
+
+    encoded: list = []
+    build = sgdd.training.ids_encoder
+
+    def counting(*args):
+        fn = build(*args)
+        return lambda ids: (encoded.append(ids.shape[0]), fn(ids))[1]
+
+    monkeypatch.setattr(sgdd.training, "ids_encoder", counting)
+    result, seen = train_recording_metrics(monkeypatch, overrides)
+    assert len(encoded) > 6  # one call per training step (the corrector rows), more from the evaluations' rounds
     trained = [m for m in seen if "corrector_ce" in m]  # training steps only
     assert len(trained) == 6 and all(math.isfinite(m["corrector_ce"]) and 0 <= m["hyp_acc"] <= 1 for m in trained)
     assert len(seen) > len(trained)
