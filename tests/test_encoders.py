@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from sgdd.config import EncoderConfig
-from sgdd.encoders import ENCODERS, FlagEncoder, build_encoder, encoder_name_key, pool, resolve_model_path
+from sgdd.encoders import (
+    ENCODERS,
+    FlagEncoder,
+    build_encoder,
+    encode_ids,
+    encoder_name_key,
+    pool,
+    resolve_model_path,
+)
 from sgdd.registry import ConfigError
 
 TEXTS = [
@@ -100,3 +108,27 @@ def test_unreachable_hub_name_fails_fast(monkeypatch):
     with pytest.raises(ConfigError, match="hub is unreachable.*configs/quickstart.yaml"):
         build_encoder(EncoderConfig(name="BAAI/bge-m3", pooling="cls"))
     assert time.monotonic() - t0 < 10
+
+
+def test_encode_ids_encodes_the_text_up_to_eos_and_an_empty_row_as_a_full_stop():
+    class RecordingEncoder:
+        def __init__(self):
+            self.texts = []
+
+        def encode(self, texts, batch_size=None):
+            self.texts.append(list(texts))
+            return torch.ones(len(texts), 3, dtype=torch.float64)
+
+    class Vocab:  # ids 5, 6 spell "a", "b"; EOS = 2 ends the text
+        def decode_batch(self, rows):
+            words = {5: "a", 6: "b"}
+            out = []
+            for row in rows.tolist():
+                row = row[: row.index(2)] if 2 in row else row
+                out.append(" ".join(words[i] for i in row if i in words))
+            return out
+
+    enc = RecordingEncoder()
+    vecs = encode_ids(enc, Vocab(), torch.tensor([[5, 6, 2, 5], [2, 5, 6, 0], [0, 0, 0, 0]]))
+    assert enc.texts == [["a b", ".", "."]]
+    assert vecs.dtype == torch.float32 and vecs.shape == (3, 3)

@@ -104,10 +104,10 @@ class SGDD:
         return self.encoder.encode(texts, batch_size=self.cfg.encoder.batch_size).float()
 
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) decoder ids -> (B, De) vectors of the texts they spell (an empty text encodes as ".")."""
-        texts = self.vocab.decode_batch(ids.cpu())
-        return self.encoder.encode([t if t.strip() else "." for t in texts],
-                                   batch_size=self.cfg.encoder.batch_size).float().to(self.device)
+        """(B, L) decoder ids -> (B, De) vectors of the texts they spell (sgdd.encoders.encode_ids)."""
+        from sgdd.encoders import encode_ids
+
+        return encode_ids(self.encoder, self.vocab, ids, self.cfg.encoder.batch_size).to(self.device)
 
     def _warn_long(self, texts: list[str]) -> None:
         limit = self.cfg.data.max_length - 1
@@ -201,10 +201,7 @@ class SGDD:
             return torch.cat(out)
 
         def score(rows_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            texts = [self.vocab.decode(r) for r in rows_ids.tolist()]
-            vecs = self.encoder.encode([t if t.strip() else "." for t in texts],
-                                       batch_size=cfg.encoder.batch_size).float().to(self.device)
-            return F.cosine_similarity(vecs, target[rows], dim=-1)
+            return F.cosine_similarity(self._encode_ids(rows_ids), target[rows], dim=-1)
 
         best, _, history = refine(x, fill, score, s.refine, C, s.refine_mask, self.process.mask_id,
                                   getattr(self.process, "pad_id", 0), spare, generator=gen)

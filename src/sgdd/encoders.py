@@ -280,6 +280,13 @@ class FlagEncoder(FrozenEncoder):
         return vec.cpu()
 
 
+def encode_ids(encoder: FrozenEncoder, vocab: Any, ids: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """(B, L) decoder ids -> (B, De) float32 vectors of the texts the rows spell (vocab.decode_batch: up to the
+    first EOS), on the CPU; an empty text is encoded as "." (the encoders refuse empty input)."""
+    texts = vocab.decode_batch(ids.cpu())
+    return encoder.encode([t if t.strip() else "." for t in texts], batch_size=batch_size).float()
+
+
 def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> FrozenEncoder:
     """The frozen encoder the config names (backend from the ENCODERS registry)."""
     cls = ENCODERS.get(cfg.backend)

@@ -207,17 +207,11 @@ def pretrain_latent(
 
 
 def ids_encoder(cfg: Config, vocab, device):
-    """The frozen encoder as a function of decoder ids: (B, L) long -> (B, De) float32 vectors of the texts the
-    rows spell (an empty text encodes as "."); loaded once, on `device`."""
-    from sgdd.encoders import build_encoder
+    """The frozen encoder, loaded once on `device`, as a function of decoder ids (sgdd.encoders.encode_ids)."""
+    from sgdd.encoders import build_encoder, encode_ids
 
     encoder = build_encoder(cfg.encoder, device=device)
-
-    def encode(ids: torch.Tensor) -> torch.Tensor:
-        texts = vocab.decode_batch(ids.cpu())
-        return encoder.encode([t if t.strip() else "." for t in texts], batch_size=cfg.encoder.batch_size).float()
-
-    return encode
+    return lambda ids: encode_ids(encoder, vocab, ids, cfg.encoder.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------

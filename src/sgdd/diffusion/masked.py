@@ -36,9 +36,9 @@ belongs there: what MaskGIT's self-correction (sampling.correct) scores decoded 
 the ELBO term (masked positions) are as without substitution; validation losses and `nll` never substitute.
 
 Trained corrector (diffusion.corrector = q > 0, training steps only): a random share q of each batch's rows are
-corrector rows instead of ordinary ones. For each, a hypothesis: x_0 masked at a stratified time in [1/2, 1], the masked
-positions filled with the model's own argmax (one pass, no gradient, conditional). The frozen encoder re-embeds
-the hypothesis's text (set_hypothesis_encoder) and the row's condition becomes z + W e_hyp
+corrector rows instead of ordinary ones. For each, a hypothesis: x_0 masked at a stratified time in [1/2, 1],
+the masked positions filled with the model's own argmax (one pass, no gradient, conditional). The frozen encoder
+re-embeds the hypothesis's text (set_hypothesis_encoder) and the row's condition becomes z + W e_hyp
 (Decoder.hypothesis_latent). The hypothesis is re-masked at a ratio uniform in (0, 1/2] and the model is scored
 on x_0 at its masked positions, at every visible position whose hypothesis token is wrong and at a random quarter
 of the right ones (weighted x4; positions PAD in both excluded). corrector_weight * that weighted mean
@@ -149,11 +149,13 @@ class MaskedProcess(SampledSoftmax, Process):
 
     @torch.no_grad()
     def hypotheses(self, model: ModelFn, x0, z, generator=None) -> torch.Tensor:
-        """x0 (B, L) masked at stratified times in [1/2, 1], the masked positions filled with the model's conditional argmax
-        (full vocabulary, [MASK] excluded): the corrector rows' hypotheses (B, L)."""
+        """x0 (B, L) masked at stratified times in [1/2, 1] (cosine schedule: 29-100 % masked), the masked positions
+        filled with the model's conditional argmax (full vocabulary, [MASK] excluded): the corrector rows'
+        hypotheses (B, L). The upper half of the times makes them mostly the model's own words (36-73 % of their
+        tokens right over the logged windows of round 24's runs, bench/RESULTS.md)."""
         B, L = x0.shape
-        t = 0.5 + 0.5 * stratified_times(B, self.eps, x0.device, generator)  # the upper half: hypotheses about
-        x_t, masked = self.corrupt(x0, t, generator)  # as wrong as a sampler's (cosine: 29-100 % masked)
+        t = 0.5 + 0.5 * stratified_times(B, self.eps, x0.device, generator)
+        x_t, masked = self.corrupt(x0, t, generator)
         t_model = self.model_time(self.time_of_mask_ratio(masked.sum(dim=1).float() / L))
         fill = exclude_class(model(x_t, t_model, z, select=masked), self.mask_id).argmax(-1)
         return x_t.masked_scatter(masked, fill)
@@ -166,7 +168,8 @@ class MaskedProcess(SampledSoftmax, Process):
                                "process.set_hypothesis_encoder(fn)")
         B, L = x0.shape
         hyp = self.hypotheses(model, x0, z.detach(), generator)
-        e_hyp = self._encode_ids(hyp).to(device=z.device, dtype=torch.float32).clone()  # (B, De)
+        # (B, De); cloned: an encoder may hand back an inference-mode tensor, which autograd cannot save
+        e_hyp = self._encode_ids(hyp).to(device=z.device, dtype=torch.float32).clone()
         zc = model.hypothesis_latent(z, e_hyp)
         ratio = 0.5 * (1.0 - torch.rand(B, device=x0.device, generator=generator))  # (0, 1/2]
         masked = torch.rand(x0.shape, device=x0.device, generator=generator) < ratio[:, None]
