@@ -32,6 +32,15 @@ def bench_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "SGDD_MALLOPT"}
 
 
+def expected_allocator() -> str:
+    """The malloc library file name the bench scripts should report under bench_env(): the one sgdd.cli would
+    preload on this machine, else "libc"."""
+    from sgdd.cli import allocator_to_preload, loaded_allocator
+
+    path = loaded_allocator() or allocator_to_preload(bench_env(), platform.system(), os.path.isfile)
+    return Path(os.path.realpath(path)).name if path else "libc"  # the file /proc/self/maps names
+
+
 def _load_speed_module():
     spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
     module = importlib.util.module_from_spec(spec)
@@ -113,7 +122,11 @@ def test_speed_quick_runs_every_part(tiny_corpus, tmp_path):
     ran = ("bf16", "fp32") if bf16_fast else ("fp32",)
     if not bf16_fast:
         assert parts["train_bf16"]["skipped"].startswith("not run: bf16 matmuls are not faster than fp32")
-    assert all(parts[k]["malloc_tuned"] is (platform.libc_ver()[0] == "glibc") for k in ("peak", "sample", "cache"))
+    # the allocator the entry scripts run with: tcmalloc where installed (preloaded), else glibc's malloc, tuned
+    want = expected_allocator()
+    assert all(parts[k]["allocator"] == want for k in ("peak", "sample", "cache")), parts
+    assert all(parts[k]["malloc_tuned"] is (want == "libc" and platform.libc_ver()[0] == "glibc")
+               for k in ("peak", "sample", "cache"))
     assert all(parts[k]["peak_rss_mb"] > 0 for k in ("peak", "sample", "cache", *(f"train_{p}" for p in ran)))
     for precision in ran:
         train = parts[f"train_{precision}"]
@@ -278,9 +291,12 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     out = json.loads(out_json.read_text())
     assert out["steps"] > 0 and out["plain"] and out["rerank"] and out["refine"]
     assert out["refine_settings"] == {"rounds": 1, "candidates": 2}
-    assert out["malloc_tuned"] is (platform.libc_ver()[0] == "glibc")  # what src/train.py applies
+    # what src/train.py runs with: tcmalloc where installed (preloaded), else glibc's malloc, tuned
+    assert out["allocator"] == expected_allocator()
+    assert out["malloc_tuned"] is (out["allocator"] == "libc" and platform.libc_ver()[0] == "glibc")
     assert "refine 1 rounds x 2:" in rows[0] and "(round trip " in rows[0]
-    assert "| 16 steps, CFG 1.5; " in rows[0] and out["decoding"] == {"steps": 16, "cfg_scale": 1.5}
+    allocator = "" if out["allocator"] == "libc" else f", {out['allocator']}"
+    assert f"| 16 steps, CFG 1.5{allocator}; " in rows[0] and out["decoding"] == {"steps": 16, "cfg_scale": 1.5}
     latest = tmp_path / "checkpoints" / "bench_smoke_test" / "latest"
     assert latest.is_dir()
 

@@ -366,3 +366,76 @@ def test_trim_heap_returns_freed_heap_pages():
     before, after = map(float, out.stdout.split())
     assert before > 400, before  # 7 x 64 MB freed but still resident
     assert before - after > 350, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# heap allocator: the entry scripts re-execute themselves with tcmalloc preloaded when it is installed
+
+
+def test_allocator_to_preload_decides_from_the_environment():
+    from sgdd.cli import ALLOCATOR_ENV, LIBRARY_DIRS, TCMALLOC_NAMES, allocator_to_preload
+    from sgdd.registry import ConfigError
+
+    tcm = f"{LIBRARY_DIRS[0]}/{TCMALLOC_NAMES[0]}"
+    installed = {tcm, "/opt/my/libjemalloc.so.2"}.__contains__
+    nothing = set().__contains__
+    assert allocator_to_preload({}, "Linux", installed) == tcm  # auto is the default
+    assert allocator_to_preload({ALLOCATOR_ENV: "auto"}, "Linux", nothing) is None  # not installed: keep libc
+    assert allocator_to_preload({ALLOCATOR_ENV: "system"}, "Linux", installed) is None
+    assert allocator_to_preload({}, "Darwin", installed) is None  # LD_PRELOAD is Linux's
+    assert allocator_to_preload({"_SGDD_PRELOADED": tcm}, "Linux", installed) is None  # re-executed once already
+    assert allocator_to_preload({"LD_PRELOAD": "/x/libjemalloc.so.2"}, "Linux", installed) is None  # user's own
+    assert allocator_to_preload({"LD_PRELOAD": "/x/libfoo.so"}, "Linux", installed) == tcm
+    assert allocator_to_preload({ALLOCATOR_ENV: "/opt/my/libjemalloc.so.2"}, "Linux", installed) == "/opt/my/libjemalloc.so.2"
+    with pytest.raises(ConfigError, match="no such file.*auto.*system"):
+        allocator_to_preload({ALLOCATOR_ENV: "/nope/libtcmalloc.so"}, "Linux", installed)
+
+
+def test_preload_allocator_never_reexecutes_a_process_started_for_something_else(monkeypatch):
+    """Scripts run in-process (runpy, as these tests do) must not replace the test runner."""
+    from sgdd import cli
+
+    monkeypatch.setenv("SGDD_ALLOCATOR", "/nope/libtcmalloc.so")  # would raise if the decision were reached
+    monkeypatch.setattr(cli.os, "execve", lambda *a: pytest.fail("re-executed the test process"))
+    cli.preload_allocator(str(ROOT / "src" / "train.py"))  # sys.orig_argv is pytest's command line
+
+
+def _libc_path() -> str | None:
+    try:
+        with open("/proc/self/maps") as f:
+            return next((ln.split()[-1] for ln in f if re.search(r"/libc[.-][^/]*so", ln)), None)
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_entry_script_reexecutes_itself_with_the_chosen_library(tmp_path):
+    """A script going through run_main restarts once with SGDD_ALLOCATOR's library in LD_PRELOAD, same arguments;
+    a missing library is a one-line error. (libc stands in for a malloc library: present on every glibc Linux.)"""
+    lib = _libc_path()
+    if lib is None:
+        pytest.skip("no libc in /proc/self/maps")
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "import os, sys\n"
+        "from sgdd.cli import run_main\n"
+        "def main():\n"
+        "    print(os.getpid(), os.environ.get('LD_PRELOAD', ''), '|'.join(sys.argv[1:]))\n"
+        "run_main(main)\n"
+    )
+    env = {**os.environ, "SGDD_ALLOCATOR": lib}
+    env.pop("LD_PRELOAD", None)
+    proc = subprocess.Popen([sys.executable, "-u", str(script), "a b", "--c"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    pid, preload, argv = out.strip().split(" ", 2)
+    assert preload.split(":")[0] == lib and argv == "a b|--c"
+    assert int(pid) == proc.pid  # exec, not a child: torchrun and shells keep watching the same process
+    env["SGDD_ALLOCATOR"] = str(tmp_path / "libnothing.so")
+    bad = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(bad.returncode, bad.stderr, "SGDD_ALLOCATOR=", "no such file")
+    env["SGDD_ALLOCATOR"] = "system"
+    plain = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and plain.stdout.split(" ")[1] == "", plain.stdout
+

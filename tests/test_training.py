@@ -230,6 +230,15 @@ def test_ddp_two_cpu_processes(tmp_path, real_sentences):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ck = load_checkpoint(tmp_path / "d" / "checkpoints" / "tiny" / "latest", with_train_state=True)
     assert ck.meta["step"] == 3
+    # the workers re-execute themselves with tcmalloc where it is installed (sgdd.cli.preload_allocator) and the
+    # log says which allocator runs; where it is not, how to get it
+    if sys.platform.startswith("linux"):
+        from sgdd.cli import allocator_to_preload, loaded_allocator
+
+        line = next((ln for ln in proc.stdout.splitlines() if "heap allocator:" in ln), "")
+        installed = loaded_allocator() or allocator_to_preload(env, "Linux", os.path.isfile)
+        want = os.path.realpath(installed) if installed else "apt install libtcmalloc-minimal4"
+        assert want in line, proc.stdout[-2000:]
 
 
 def test_latent_pretraining_fits_the_bow_head_and_leaves_the_transformer_alone(tmp_path, real_sentences):

@@ -169,7 +169,9 @@ class TrainingConfig:
     # hand the heap's free pages back to the kernel every this many steps (glibc, sgdd.cli.trim_heap); 0 = never.
     # Training's resident memory grows by heap fragmentation (fiction config: 9.7 GB after 8 minutes, 12.8 GB
     # after 60; glibc's default settings grow as fast); 1 holds it at 2.3-4.2 GB for 23 % fewer steps, 10 near
-    # 6.6 GB for ~7 % fewer, 50 lowers the resting size but not the peak (bench/RESULTS.md "Nineteenth round")
+    # 6.6 GB for ~7 % fewer, 50 lowers the resting size but not the peak (bench/RESULTS.md "Nineteenth round").
+    # For glibc's malloc only: where tcmalloc is installed the scripts run with it (sgdd.cli.preload_allocator),
+    # which holds the size flat without trimming ("Twenty-fifth round")
     heap_trim_every: int = 0
     # latent pre-training: before the decoder trains, the VIB and the bag-of-words head alone are fitted on the
     # cached vectors (no transformer in the step: ~50x the decoder's sentences/s). Its time counts towards

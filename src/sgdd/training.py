@@ -35,7 +35,7 @@ from sgdd.checkpoint import (
     rotate_step_checkpoints,
     save_checkpoint,
 )
-from sgdd.cli import resident_mb, trim_heap
+from sgdd.cli import allocator_description, resident_mb, trim_heap
 from sgdd.config import Config
 from sgdd.generation import decode_sorted
 from sgdd.precision import autocast, resolve_precision
@@ -479,6 +479,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         log.info("model: %.1fM parameters, vocabulary %d, encoder dim %d, %d training sentences",
                  n_params / 1e6, len(vocab), data.encoder_dim, len(data.train_tokens))
         log.info("precision: %s (training.precision = %s)", resolve_precision(tc.precision, device), tc.precision)
+        log.info("heap allocator: %s", allocator_description())
     tracker = Tracker(cfg, enabled=d.main)
     if pretrain_metrics:
         tracker.log(pretrain_metrics, 0)
