@@ -59,9 +59,9 @@ def allocator_to_preload(env: dict[str, str], system: str, is_file: Callable[[st
     """The malloc library the entry scripts should re-execute themselves with (LD_PRELOAD), or None.
 
     Training with glibc's malloc fragments the heap: the fiction config's resident size grows with time (9.2 GB
-    after 7 minutes, 12.8 GB after 60) while its live memory is ~2.5 GB; with tcmalloc preloaded it stays at 3.8 GB
-    and trains ~4 % faster (jemalloc and mimalloc hold the memory too but train 0.6x as fast; bench/RESULTS.md
-    "Twenty-fifth round"). `env[SGDD_ALLOCATOR]`: "auto" (default) = the first tcmalloc of LIBRARY_DIRS, if any;
+    after 7 minutes, 12.8 GB after 60) while its live memory is ~2.5 GB; with tcmalloc preloaded it stays near
+    3.8-4.0 GB for the whole 60 minutes and trains ~4 % faster (jemalloc and mimalloc hold the memory too but train
+    0.6x as fast; bench/RESULTS.md "Twenty-fifth round"). `env[SGDD_ALLOCATOR]`: "auto" (default) = the first tcmalloc of LIBRARY_DIRS, if any;
     "system" = never; a path = that library (ConfigError if it is not a file). Linux only; None when the process
     already runs with a preloaded allocator or was re-executed once already.
     """
@@ -120,7 +120,8 @@ def allocator_description() -> str:
         return "the system's malloc"
     return ("the C library's malloc: the resident size grows with training time by heap fragmentation (fiction "
             "config: 12.8 GB after 60 minutes); with tcmalloc installed (Debian / Ubuntu: apt install "
-            f"libtcmalloc-minimal4) the scripts preload it ({ALLOCATOR_ENV}=auto): 3.8 GB, ~4 % faster")
+            f"libtcmalloc-minimal4) the scripts preload it ({ALLOCATOR_ENV}=auto): 4.0 GB after 60 minutes, ~4 % "
+            "faster")
 
 
 def tune_malloc() -> bool:
