@@ -68,7 +68,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from sgdd.cli import loaded_allocator, preload_allocator, setup_logging, tune_malloc
+    from sgdd.cli import allocator_name, preload_allocator, setup_logging, tune_malloc
 
     setup_logging()
     # the heap allocator src/train.py runs with (sgdd.cli.run_main): tcmalloc when installed (re-executes this
@@ -76,7 +76,7 @@ def main() -> int:
     # training here ran at ~40-49 instead of ~55-62 sentences/s (bench/RESULTS.md, first 60-minute fp32 run)
     preload_allocator(__file__)
     malloc_tuned = tune_malloc()
-    allocator = loaded_allocator()
+    allocator = allocator_name()
     from sgdd.api import SGDD
     from sgdd.config import config_to_dict, load_config
     from sgdd.embed_cache import prepare
@@ -140,7 +140,7 @@ def main() -> int:
         "steps": steps,
         "train_sentences_per_s": train_rate,
         "malloc_tuned": malloc_tuned,
-        "allocator": Path(allocator).name if allocator else "libc",
+        "allocator": allocator,
         "plain": plain["metrics"],
         "rerank": reranked["metrics"] if reranked else None,
         "rerank_subset": len(rr_sents),
@@ -166,7 +166,7 @@ def main() -> int:
            + (f"; refine {args.refine} rounds x {args.refine_candidates}: {refined['metrics']['bleu']:.2f}"
               if refined else "")
            + f" | {args.steps} steps, CFG {args.cfg_scale:g}"
-           + (f", {out['allocator']}" if allocator else "") + f"; {args.note} | `{out['command']}` |\n")
+           + (f", {allocator}" if allocator != "libc" else "") + f"; {args.note} | `{out['command']}` |\n")
     results = Path(args.results)
     if not results.exists():
         results.write_text("# Benchmark results\n\n")

@@ -874,7 +874,7 @@ def main() -> int:
     ap.add_argument("--train-precisions", default="", help="bf16,fp32 (default: fp32, and bf16 where it is fast)")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from sgdd.cli import loaded_allocator, preload_allocator, setup_logging, tune_malloc
+    from sgdd.cli import allocator_name, preload_allocator, setup_logging, tune_malloc
 
     # the heap allocator of src/train.py and the other entry points (sgdd.cli.run_main): tcmalloc when installed
     # (the parts inherit it from the orchestrator), else glibc's malloc, tuned
@@ -889,8 +889,7 @@ def main() -> int:
     result = fn(args, sizes)
     result["peak_rss_mb"] = peak_rss_mb()
     result["malloc_tuned"] = malloc_tuned
-    allocator = loaded_allocator()
-    result["allocator"] = Path(allocator).name if allocator else "libc"
+    result["allocator"] = allocator_name()
     print(json.dumps(result, default=str), flush=True)
     return 0
 

@@ -386,7 +386,8 @@ def test_allocator_to_preload_decides_from_the_environment():
     assert allocator_to_preload({"_SGDD_PRELOADED": tcm}, "Linux", installed) is None  # re-executed once already
     assert allocator_to_preload({"LD_PRELOAD": "/x/libjemalloc.so.2"}, "Linux", installed) is None  # user's own
     assert allocator_to_preload({"LD_PRELOAD": "/x/libfoo.so"}, "Linux", installed) == tcm
-    assert allocator_to_preload({ALLOCATOR_ENV: "/opt/my/libjemalloc.so.2"}, "Linux", installed) == "/opt/my/libjemalloc.so.2"
+    own = "/opt/my/libjemalloc.so.2"
+    assert allocator_to_preload({ALLOCATOR_ENV: own}, "Linux", installed) == own
     with pytest.raises(ConfigError, match="no such file.*auto.*system"):
         allocator_to_preload({ALLOCATOR_ENV: "/nope/libtcmalloc.so"}, "Linux", installed)
 

@@ -61,9 +61,9 @@ def allocator_to_preload(env: dict[str, str], system: str, is_file: Callable[[st
     Training with glibc's malloc fragments the heap: the fiction config's resident size grows with time (9.2 GB
     after 7 minutes, 12.8 GB after 60) while its live memory is ~2.5 GB; with tcmalloc preloaded it stays near
     3.8-4.0 GB for the whole 60 minutes and trains ~4 % faster (jemalloc and mimalloc hold the memory too but train
-    0.6x as fast; bench/RESULTS.md "Twenty-fifth round"). `env[SGDD_ALLOCATOR]`: "auto" (default) = the first tcmalloc of LIBRARY_DIRS, if any;
-    "system" = never; a path = that library (ConfigError if it is not a file). Linux only; None when the process
-    already runs with a preloaded allocator or was re-executed once already.
+    0.6x as fast; bench/RESULTS.md "Twenty-fifth round"). `env[SGDD_ALLOCATOR]`: "auto" (default) = the first
+    tcmalloc of LIBRARY_DIRS, if any; "system" = never; a path = that library (ConfigError if it is not a file).
+    Linux only; None when the process already runs with a preloaded allocator or was re-executed once already.
     """
     choice = env.get(ALLOCATOR_ENV, "auto").strip() or "auto"
     if system != "Linux" or choice == "system" or _PRELOADED_ENV in env:
@@ -108,6 +108,13 @@ def loaded_allocator() -> str | None:
     except OSError:
         return None
     return next((p for p in sorted(paths) if any(k in Path(p).name for k in _ALLOCATOR_KEYS)), None)
+
+
+def allocator_name() -> str:
+    """The file name of the malloc library serving this process (loaded_allocator), or "libc"; what the
+    benchmarks record."""
+    lib = loaded_allocator()
+    return Path(lib).name if lib else "libc"
 
 
 def allocator_description() -> str:
