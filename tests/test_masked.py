@@ -52,7 +52,7 @@ def clean_batch(B=6, L=9, seed=0):
 # schedules
 
 
-@pytest.mark.parametrize("name", ["cosine", "loglinear"])
+@pytest.mark.parametrize("name", ["cosine", "loglinear", "sine"])
 def test_schedule_endpoints_inverse_and_weight(name):
     s = build_schedule(name)
     assert float(s.alpha(torch.tensor(0.0))) == pytest.approx(1.0)
@@ -86,7 +86,7 @@ def test_stratified_times_cover_every_stratum():
 # corruption
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "loglinear"])
+@pytest.mark.parametrize("schedule", ["cosine", "loglinear", "sine"])
 def test_masking_ratio_matches_the_schedule(schedule):
     p = make_process(schedule)
     x0 = torch.randint(0, V, (4, 20000))

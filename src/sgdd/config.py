@@ -66,7 +66,7 @@ class ModelConfig:
 class DiffusionConfig:
     process: str = "masked"  # masked | score_entropy
     # masked process
-    schedule: str = "cosine"  # cosine | loglinear
+    schedule: str = "cosine"  # cosine | loglinear | sine
     loss_weighting: str = "elbo"  # elbo (MDLM weight, sum over masked tokens / tokens) | uniform (mean CE)
     # training-time sampled softmax (masked process): 0 = the full output product; K > 0 scores the K most
     # frequent training tokens, K // 2 others drawn uniformly (importance-corrected) and each row's own target.
