@@ -425,7 +425,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.process": ("masked", "score_entropy"),
     "diffusion.loss_weighting": ("elbo", "uniform"),
     # these three mirror registries in sgdd.diffusion (a test keeps them in sync)
-    "diffusion.schedule": ("cosine", "loglinear"),
+    "diffusion.schedule": ("cosine", "loglinear", "sine"),
     "diffusion.graph": ("absorbing", "uniform"),
     "diffusion.noise": ("loglinear", "geometric"),
     "data.source": ("wiki_sample", "text", "disk", "bookcorpus"),
