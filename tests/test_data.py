@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from sgdd.config import Config, DataConfig, load_config
 from sgdd.data import (
     LengthBucketSampler,
     Vocab,
+    batch_slack,
     load_corpus,
     looks_like_prose,
     make_batch,
@@ -318,6 +320,30 @@ def test_make_batch_layout():
     assert ((x == Vocab.EOS).sum(1) == 1).all()
     capped = make_batch([list(range(3, 100))], max_length=16, pad_slack=4)
     assert capped.shape == (1, 16) and capped[0, -1] == Vocab.EOS and capped[0, 14] == 17
+
+
+def test_batch_slack_lands_on_multiples_and_stays_in_the_window():
+    rng = random.Random(0)
+    for longest in range(1, 70):
+        lengths = set()
+        for _ in range(200):
+            slack = batch_slack(longest, 64, 12, 8, rng)
+            L = min(64, min(longest, 63) + 1 + slack)
+            assert L % 8 == 0 or L == 64, (longest, slack)
+            assert 0 <= slack <= 12
+            lengths.add(L)
+        base = min(longest, 63) + 1
+        window = {min(64, base + s) for s in range(13)}
+        assert lengths == {n for n in window if n % 8 == 0 or n == 64}  # every admissible length is drawn
+    # no multiple of 16 within a slack of 2: round up past the window
+    assert batch_slack(17, 64, 2, 16, rng) == 32 - 18
+    # off: U{0..pad_slack}, every value drawn
+    assert {batch_slack(10, 64, 5, 0, rng) for _ in range(300)} == set(range(6))
+
+
+def test_pad_multiple_must_not_be_negative():
+    with pytest.raises(ConfigError, match="data.pad_multiple must be >= 0"):
+        load_config(None, ["data.pad_multiple=-8"])
 
 
 def _lengths(n: int, seed: int = 0) -> list[int]:

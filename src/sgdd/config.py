@@ -122,6 +122,9 @@ class DataConfig:
     # ratio 0.53-0.76), with 4 they did not (1.02-1.06, BLEU +1.4), but the 60-minute model with 4 wrote 8 % too
     # long and lost BLEU at the fiction config's decoding (bench/RESULTS.md "Tenth round")
     pad_slack: int = 12
+    # > 0: draw the slack among those whose padded length is a multiple of this (or max_length), so training sees
+    # a few distinct tensor sizes instead of one per length; fewer sizes leave glibc's heap less fragmented. 0 = off
+    pad_multiple: int = 0
     bucket_by_length: bool = True
 
 
@@ -487,6 +490,9 @@ def validate_config(cfg: Config, where: str = "config") -> None:
             raise ConfigError(f"{where}: {key} must be positive, got {value}")
     if cfg.data.min_tokens >= cfg.data.max_length:
         raise ConfigError(f"{where}: data.min_tokens ({cfg.data.min_tokens}) must be below data.max_length")
+    if cfg.data.pad_slack < 0 or cfg.data.pad_multiple < 0:
+        raise ConfigError(f"{where}: data.pad_slack and data.pad_multiple must be >= 0 (pad_multiple 0 = off), got "
+                          f"{cfg.data.pad_slack} and {cfg.data.pad_multiple}")
     if cfg.diffusion.softmax_sample < 0:
         raise ConfigError(f"{where}: diffusion.softmax_sample must be >= 0 (0 = full softmax), got "
                           f"{cfg.diffusion.softmax_sample}")

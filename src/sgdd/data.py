@@ -605,6 +605,18 @@ def make_batch(token_lists: Sequence[Sequence[int]], max_length: int, pad_slack:
     return x
 
 
+def batch_slack(longest: int, max_length: int, pad_slack: int, multiple: int, rng: Any) -> int:
+    """A training batch's PAD slack: U{0..pad_slack} (multiple = 0), or (multiple > 0) one drawn uniformly from
+    the slacks in 0..pad_slack whose padded length min(max_length, longest + 1 + slack) is a multiple of
+    `multiple` or max_length itself; when none is, the slack that rounds up to the next multiple. longest: the
+    batch's longest row in decoder tokens (EOS excluded); rng: a random.Random or the random module."""
+    if multiple <= 0:
+        return rng.randint(0, pad_slack)
+    base = min(longest, max_length - 1) + 1  # with its EOS
+    fits = [s for s in range(pad_slack + 1) if base + s >= max_length or (base + s) % multiple == 0]
+    return rng.choice(fits) if fits else -base % multiple
+
+
 class LengthBucketSampler:
     """Index batches of similar length, for less padding.
 
@@ -728,6 +740,7 @@ __all__ = [
     "Vocab",
     "load_corpus",
     "looks_like_prose",
+    "batch_slack",
     "make_batch",
     "read_text_lines",
     "split_sentences",

@@ -397,7 +397,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     """Train per cfg. `log_losses`, when given, receives (step, loss) for every optimizer step (tests)."""
-    from sgdd.data import LengthBucketSampler, make_batch
+    from sgdd.data import LengthBucketSampler, batch_slack, make_batch
     from sgdd.diffusion import build_process
     from sgdd.embed_cache import prepare
     from sgdd.sampling import build_sampler
@@ -573,8 +573,11 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
             step_loss, step_metrics, ok = 0.0, {}, True
             for micro in range(tc.grad_accum):
                 idx = next(batches)
-                slack = random.randint(0, cfg.data.pad_slack)  # python RNG: seeded and saved with the checkpoint
-                x0 = make_batch([data.train_tokens[i] for i in idx], cfg.data.max_length, slack).to(device)
+                rows = [data.train_tokens[i] for i in idx]
+                # python RNG: seeded and saved with the checkpoint
+                slack = batch_slack(max(len(r) for r in rows), cfg.data.max_length, cfg.data.pad_slack,
+                                    cfg.data.pad_multiple, random)
+                x0 = make_batch(rows, cfg.data.max_length, slack).to(device)
                 e = torch.as_tensor(data.train_emb[idx], dtype=torch.float32, device=device)  # (B, De)
                 uncond = torch.rand(x0.shape[0]) < cfg.model.cond_dropout
                 last_micro = micro == tc.grad_accum - 1
