@@ -17,6 +17,7 @@ from conftest import tiny_train_overrides
 
 from sgdd.checkpoint import load_checkpoint
 from sgdd.config import load_config
+from sgdd.registry import ConfigError
 from sgdd.training import EMA, TrainingError, kl_weight_at, lr_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,3 +337,25 @@ def test_tiny_config_overfits_32_sentences_until_greedy_sampling_reproduces_them
     outs = model.reconstruct(train_sents)
     exact = sum(o == r for o, r in zip(outs, refs, strict=True)) / len(refs)
     assert exact >= 0.9, list(zip(refs, outs, strict=True))[:5]
+
+
+def test_final_eval_sentences_zero_skips_the_final_evaluation(tmp_path, real_sentences, monkeypatch):
+    import sgdd.evaluation
+    from sgdd.training import train_and_report
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the final evaluation ran")
+
+    monkeypatch.setattr(sgdd.evaluation, "evaluate_reconstruction", refuse)
+    overrides = tiny_train_overrides(tmp_path, real_sentences[:48], **{
+        "training.final_eval": True, "training.final_eval_sentences": 0, "training.max_steps": 2})
+    result = train_and_report(load_config(None, overrides))
+    assert (result.run_dir / "latest").exists()
+
+
+def test_eval_sentence_counts_are_checked_before_training():
+    with pytest.raises(ConfigError, match="num_eval_sentences must be positive when training.eval_every > 0"):
+        load_config(None, ["training.eval_every=100", "training.num_eval_sentences=0"])
+    assert load_config(None, ["training.eval_every=0", "training.num_eval_sentences=0"]).training.eval_every == 0
+    with pytest.raises(ConfigError, match="final_eval_sentences must be >= 0"):
+        load_config(None, ["training.final_eval_sentences=-1"])

@@ -167,7 +167,7 @@ class TrainingConfig:
     resume: str = ""  # "" | auto | PATH
     max_nonfinite: int = 10  # abort after this many non-finite losses in a row
     final_eval: bool = True  # run evaluation at the end of train.py and print BLEU + examples
-    final_eval_sentences: int = 200
+    final_eval_sentences: int = 200  # 0 = no final evaluation (as final_eval: false)
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
     # hand the heap's free pages back to the kernel every this many steps (glibc, sgdd.cli.trim_heap); 0 = never.
     # Training's resident memory grows by heap fragmentation (fiction config: 9.7 GB after 8 minutes, 12.8 GB
@@ -490,6 +490,13 @@ def validate_config(cfg: Config, where: str = "config") -> None:
             raise ConfigError(f"{where}: {key} must be positive, got {value}")
     if cfg.data.min_tokens >= cfg.data.max_length:
         raise ConfigError(f"{where}: data.min_tokens ({cfg.data.min_tokens}) must be below data.max_length")
+    if cfg.training.final_eval_sentences < 0:
+        raise ConfigError(f"{where}: training.final_eval_sentences must be >= 0 (0 = no final evaluation), got "
+                          f"{cfg.training.final_eval_sentences}")
+    if cfg.training.eval_every > 0 and cfg.training.num_eval_sentences <= 0:
+        raise ConfigError(f"{where}: training.num_eval_sentences must be positive when training.eval_every > 0 (got "
+                          f"{cfg.training.num_eval_sentences}); set training.eval_every: 0 to skip the periodic "
+                          f"evaluation")
     if cfg.data.pad_slack < 0 or cfg.data.pad_multiple < 0:
         raise ConfigError(f"{where}: data.pad_slack and data.pad_multiple must be >= 0 (pad_multiple 0 = off), got "
                           f"{cfg.data.pad_slack} and {cfg.data.pad_multiple}")

@@ -704,7 +704,7 @@ def train_and_report(cfg: Config) -> TrainResult:
     """train(), then (main process, training.final_eval) evaluate the best checkpoint on held-out sentences
     through the sampler and print BLEU, chrF, exact match and a few input -> reconstruction pairs."""
     result = train(cfg)
-    if not cfg.training.final_eval or int(os.environ.get("RANK", "0")) != 0:
+    if not cfg.training.final_eval or cfg.training.final_eval_sentences == 0 or int(os.environ.get("RANK", "0")) != 0:
         return result
     from sgdd.api import SGDD
     from sgdd.data import load_corpus
