@@ -125,7 +125,8 @@ class DataConfig:
     # > 0: draw the slack among those whose padded length is a multiple of this (or max_length), so training sees
     # a few distinct tensor sizes instead of one per length (8 with pad_slack 12: the mean slack stays 6).
     # Fiction config, one run each: 8 under glibc's malloc 1.07x the steps/s, 7.3 GB resident vs 10.8 after 15
-    # minutes (still growing, slower); under tcmalloc 1.02x, 3.8 GB either way (bench/RESULTS.md "Twenty-sixth round").
+    # minutes (still growing, slower); under tcmalloc 1.02x, 3.8-3.9 GB either way (bench/RESULTS.md "Twenty-sixth
+    # round").
     # Its effect on BLEU is not measured yet, so the configs leave it off. 0 = off
     pad_multiple: int = 0
     bucket_by_length: bool = True
