@@ -414,3 +414,25 @@ def test_bow_probe_smoke(tiny_corpus, tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 2 and "--minutes" in bad.stderr and "Traceback" not in bad.stderr
 
+
+
+def test_profile_sampling_smoke(tiny_checkpoint, tmp_path):
+    """bench/profile_sampling.py times the sampler on a checkpoint; the outputs' hash does not depend on --split 1
+    vs a rerun (same seeds), and a bad --split is a one-line error."""
+    data = tmp_path / "s.txt"
+    data.write_text("The cat sat on the mat.\nIt rained all day.\nShe laughed.\n", encoding="utf-8")
+    env = {**bench_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(ROOT / "bench" / "profile_sampling.py"), "--checkpoint", str(tiny_checkpoint),
+            "--data", str(data), "--batches", "2", "--batch", "4", "--steps", "2"]
+    runs = [subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+            for extra in ([], [], ["--split", "2", "--torch-profile"])]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [next(line for line in p.stdout.splitlines() if "sentences/s" in line) for p in runs]
+    rate = float(lines[0].split()[0])
+    assert rate > 0 and "2 batches of 4, 2 steps" in lines[0] and "split 2" in lines[2]
+    digest = [line.rsplit("outputs ", 1)[1] for line in lines]
+    assert digest[0] == digest[1] and len(digest[0]) == 12  # same seeds, same text
+    assert "aten::" in runs[2].stdout and "aten::" not in runs[0].stdout
+    bad = subprocess.run([*base, "--split", "9"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "--split" in bad.stderr and "Traceback" not in bad.stderr
