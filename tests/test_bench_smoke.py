@@ -417,8 +417,8 @@ def test_bow_probe_smoke(tiny_corpus, tmp_path):
 
 
 def test_profile_sampling_smoke(tiny_checkpoint, tmp_path):
-    """bench/profile_sampling.py times the sampler on a checkpoint; the outputs' hash does not depend on --split 1
-    vs a rerun (same seeds), and a bad --split is a one-line error."""
+    """bench/profile_sampling.py times the sampler on a checkpoint; a rerun (same seeds) prints the same outputs'
+    hash, --torch-profile adds the operator tables, and a bad --split is a one-line error."""
     data = tmp_path / "s.txt"
     data.write_text("The cat sat on the mat.\nIt rained all day.\nShe laughed.\n", encoding="utf-8")
     env = {**bench_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
