@@ -775,6 +775,127 @@ def test_null_reuse_adds_the_kept_guidance_direction_of_each_position():
     assert reuse.null_passes == 3 and torch.isneginf(out6[:, 1]).all() and not out6.isnan().any()
 
 
+# null-pass candidates (sampling.guidance_candidates)
+
+
+def _record_null_positions(dec):
+    """Wrap dec.forward to record, for every null-only call, how many positions it selected."""
+    calls = []
+    forward = dec.forward
+
+    def recording(x_t, t, z, uncond=None, select=None, **kw):
+        if uncond is not None and uncond.all():
+            calls.append(int(select.sum()) if select is not None else x_t.numel())
+        return forward(x_t, t, z, uncond=uncond, select=select, **kw)
+
+    dec.forward = recording
+    return calls
+
+
+@pytest.mark.parametrize("extra", [{}, {"kv_refresh": 2}, {"repeat_penalty": 2.0, "repeat_exempt": 0, "dedupe": True}])
+def test_guidance_candidates_covering_every_masked_position_decode_exactly_as_guidance(extra):
+    """c so large that ceil(c * commit_n) reaches every masked count: the null pass runs where exact guidance runs
+    it, and the same guided logits rank the same positions."""
+    from sgdd.diffusion import build_process
+
+    dec = _perturbed_decoder()
+    process = build_process(make_cfg())
+    lengths = torch.tensor([9, 6, 3])
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    exact = MaskGITSampler(make_cfg(steps=6, **extra)).sample(dec, process, z, lengths, 1.5)
+    sampler = MaskGITSampler(make_cfg(steps=6, guidance_candidates=100.0, **extra))
+    assert torch.equal(sampler.sample(dec, process, z, lengths, 1.5), exact)
+    assert sampler.null_positions > 0
+
+
+@pytest.mark.parametrize("c", [1.0, 2.0])
+def test_guidance_candidates_run_the_null_pass_at_c_times_the_committed_positions(c):
+    from sgdd.diffusion import build_process
+
+    dec = _perturbed_decoder()
+    calls = _record_null_positions(dec)
+    process = build_process(make_cfg())
+    lengths = torch.tensor([9, 7, 8])
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    K = 6
+    sampler = MaskGITSampler(make_cfg(steps=K, guidance_candidates=c))
+    out = sampler.sample(dec, process, z, lengths, 2.0)
+    # the schedule's counts: masked_count(n, k - 1) masked before step k, of which masked_count - target commit
+    expected = 0
+    for k in range(1, K + 1):
+        before, after = masked_count(lengths, k - 1, K), masked_count(lengths, k, K)
+        expected += int(torch.minimum(torch.ceil(c * (before - after).double()).long(), before).sum())
+    assert sampler.null_positions == expected == sum(calls)
+    assert len(calls) == K  # one null call per step, every row active (lengths >= steps)
+    if c == 1.0:
+        assert expected == int(lengths.sum())  # exactly the committed positions
+    assert (out != MASK).all()
+    assert (out[torch.arange(9)[None].expand(3, -1) >= lengths[:, None]] == PAD).all()
+    # at scale 1 there is no null pass, and the option changes nothing
+    calls.clear()
+    plain = MaskGITSampler(make_cfg(steps=K)).sample(dec, process, z, lengths, 1.0)
+    assert torch.equal(sampler.sample(dec, process, z, lengths, 1.0), plain) and calls == []
+
+
+def test_guidance_candidates_are_the_conditional_passs_best_and_guidance_ranks_among_them():
+    """Position 0 is the conditional pass's most confident (margin 3.0 vs 2.5 at position 2), but guidance favours
+    position 2 (its null margin is 0; position 0's is 2.9): guided margins 3.1 vs 5.0 at scale 2. Step 1 commits
+    one of the row's 4 positions: exact guidance commits position 2; one candidate (c = 1) is position 0; two
+    candidates (c = 2) hold both, and guidance picks position 2 again."""
+
+    def model(x_t, t, z, uncond=None, select=None):
+        B, L = x_t.shape
+        logits = torch.zeros(B, L, V)
+        null = uncond if uncond is not None else torch.zeros(B, dtype=torch.bool)
+        for b in range(B):
+            logits[b, 0, 5] = 2.9 if null[b] else 3.0
+            logits[b, 2, 7] = 0.0 if null[b] else 2.5
+        return logits[select] if select is not None else logits
+
+    first = {}
+
+    def after_step_1(k, x):
+        if k == 1:
+            first["x"] = x.clone()
+
+    lengths = torch.tensor([4])
+    for c, committed in ((0.0, 2), (1.0, 0), (2.0, 2)):
+        sampler = MaskGITSampler(make_cfg(steps=4, guidance_candidates=c))
+        sampler.sample(model, FakeProcess(), rowz(1), lengths, 2.0, callback=after_step_1)
+        visible = (first["x"][0] != MASK).nonzero()[:, 0].tolist()
+        assert visible == [committed], (c, visible)
+
+
+def test_guidance_candidates_with_reused_keys_values_complete_every_row():
+    """kv_refresh 3: the null pass keeps its own keys / values and runs its candidates and changed positions only."""
+    from sgdd.diffusion import build_process
+
+    dec = _perturbed_decoder()
+    calls = _record_null_positions(dec)
+    process = build_process(make_cfg())
+    lengths = torch.tensor([9, 6, 3])
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    sampler = MaskGITSampler(make_cfg(steps=6, guidance_candidates=1.0, kv_refresh=3))
+    out = sampler.sample(dec, process, z, lengths, 1.5)
+    assert (out != MASK).all()
+    assert (out[torch.arange(9)[None].expand(3, -1) >= lengths[:, None]] == PAD).all()
+    assert sampler.null_positions == int(lengths.sum())  # logits at the committed positions only
+    assert len(calls) == 6
+
+
+def test_guidance_candidates_are_validated():
+    from sgdd.config import validate_config
+
+    cfg = Config()
+    cfg.sampling.guidance_candidates = 0.5
+    with pytest.raises(ConfigError, match="guidance_candidates must be 0"):
+        validate_config(cfg)
+    cfg.sampling.guidance_candidates = 2.0
+    cfg.sampling.guidance_refresh = 3
+    with pytest.raises(ConfigError, match="set one of them to 0"):
+        validate_config(cfg)
+
+
 def test_guidance_refresh_is_validated():
     from sgdd.config import validate_config
 
