@@ -330,9 +330,8 @@ def test_decoding_flags_map_onto_sampling_fields():
     add_decoding_flags(ap)
     given = decoding_overrides(ap.parse_args(["--steps", "8", "--cfg-scale", "1.0", "--repeat-penalty", "2.5",
                                               "--shortlist", "64", "--kv-refresh", "6",
-                                              "--guidance-refresh", "4", "--guidance-candidates", "2"]))
+                                              "--guidance-refresh", "4"]))
     assert given["shortlist"] == 64 and given["kv_refresh"] == 6 and given["guidance_refresh"] == 4
-    assert given["guidance_candidates"] == 2.0
     fields = {f.name for f in dataclasses.fields(SamplingConfig)}
     assert set(given) <= fields  # every flag names a real SamplingConfig field
     assert given["steps"] == 8 and given["cfg_scale"] == 1.0 and given["repeat_penalty"] == 2.5

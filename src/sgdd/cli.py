@@ -221,9 +221,6 @@ _DECODING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--guidance-refresh", "guidance_refresh", int,
      "MaskGIT with guidance: run the null pass every G steps and add its last guidance direction in between "
      "(0 = every step, exact); default: the checkpoint's"),
-    ("--guidance-candidates", "guidance_candidates", float,
-     "MaskGIT with guidance: run the null pass only at c x the positions a step commits, chosen by the "
-     "conditional pass (0 = every masked position, exact); default: the checkpoint's"),
     ("--correct", "correct", int,
      "MaskGIT: self-correction rounds after decoding (re-mask the lowest-scoring decoded tokens, refill them; "
      "0 = off); default: the checkpoint's"),

@@ -236,11 +236,6 @@ class SamplingConfig:
     # steps run the conditional pass alone and add each masked position's last guidance direction (conditional
     # - null logits) (approximate). 0 = off: both passes at every step
     guidance_refresh: int = 0
-    # MaskGIT with guidance: the null pass runs only at each row's ceil(c * n) masked positions that the conditional
-    # pass ranks highest, n the positions the step commits; the guided logits choose the tokens and rank those
-    # candidates (approximate; with sampling.kv_refresh the null pass keeps its own keys / values). 0 = off: both
-    # passes at every masked position. c >= 1; a c at or above the masked count is exact guidance
-    guidance_candidates: float = 0.0
     # MaskGIT self-correction after the last step: `correct` rounds of "score each decoded token by the model's
     # probability of it given the whole decoded row (one full pass), re-mask the correct_frac lowest-scoring
     # (at least one per row) and refill them in one step". 60-minute fiction models, 1,000 held-out sentences, 16
@@ -534,13 +529,6 @@ def validate_config(cfg: Config, where: str = "config") -> None:
     if cfg.sampling.guidance_refresh < 0:
         raise ConfigError(f"{where}: sampling.guidance_refresh must be >= 0 (0 = off; g = the null pass every g "
                           f"steps), got {cfg.sampling.guidance_refresh}")
-    gc = cfg.sampling.guidance_candidates
-    if gc != 0 and not gc >= 1.0:
-        raise ConfigError(f"{where}: sampling.guidance_candidates must be 0 (off) or >= 1 (null-pass candidates per "
-                          f"committed position), got {gc}")
-    if gc > 0 and cfg.sampling.guidance_refresh > 0:
-        raise ConfigError(f"{where}: sampling.guidance_candidates and sampling.guidance_refresh both cut the null pass; "
-                          "set one of them to 0")
     if cfg.sampling.refine < 0:
         raise ConfigError(f"{where}: sampling.refine must be >= 0 (rounds; 0 = off), got {cfg.sampling.refine}")
     if not 0.0 < cfg.sampling.refine_mask <= 1.0:

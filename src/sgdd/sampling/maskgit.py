@@ -64,14 +64,6 @@ add the kept direction: cond_now + (s - 1) * (cond_then - null_then) (at refresh
 null)). Approximate: the kept direction comes from an earlier, more masked state. Keeping the null logits instead
 (null_then + s * (cond_now - null_then)) strays further from exact guidance (bench/RESULTS.md "Twelfth round").
 A masked position with no kept entry (re-masked by sampling.remask) makes that step run the null pass.
-Null-pass candidates (sampling.guidance_candidates = c >= 1, with guidance, cfg_scale not 0 or 1): each step runs
-the conditional pass at every masked position and ranks them by its own choices (penalty, dedupe and the rest as
-configured); the null pass then runs only at each row's ceil(c * commit_n) best-ranked positions (the candidates),
-whose guided logits null + s * (cond - null) choose the tokens and rank the candidates again for the commit. The
-null pass costs what its candidates hold instead of every masked position. With kv_refresh the null pass keeps
-its own keys / values: between full passes it runs the candidates and the positions changed since it last ran
-them, and a masked position outside them keeps the entry of the last null pass that ran it. Approximate: the
-guidance only decides among the conditional pass's best; c at or above a row's masked count is exact guidance.
 Self-correction (sampling.correct = C > 0, sampling.correct_frac = f): after the last step, C rounds of: one full
 (guided) pass over the decoded row at mask fraction 0 scores every decoded token by the model's log-probability
 of it there; the ceil(f * n) lowest-scoring of the row's n decoded positions (at least one) are masked and refilled
@@ -87,7 +79,6 @@ whole-tensor pass at V = 20k costs 2-3x more, mostly page faults on fresh buffer
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
@@ -97,7 +88,7 @@ from sgdd.data import frequency_order
 from sgdd.models.decoder import KVState
 from sgdd.registry import ConfigError
 from sgdd.sampling.base import SAMPLERS, Sampler, penalize_repeats, slot_width
-from sgdd.sampling.guidance import combine, guided, row_slices
+from sgdd.sampling.guidance import guided, row_slices
 
 PAD_ID = 0  # decoder vocabulary contract (sgdd.data.Vocab.PAD); a process may override with .pad_id
 EOS_ID = 2  # decoder vocabulary contract (sgdd.data.Vocab.EOS)
@@ -398,8 +389,6 @@ class MaskGITSampler(Sampler):
         # ids (B, L) -> (B, De) re-embedded vectors; set by the caller (sgdd.api) for a decoder trained with
         # corrector rows (diffusion.corrector > 0): each correction round then conditions on z + W e_hyp
         self.hypothesis_fn = None
-        # positions the null pass ran at in the last sample() call under sampling.guidance_candidates (tests, benchmarks)
-        self.null_positions = 0
 
     @torch.no_grad()
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None, init=None):
@@ -413,7 +402,6 @@ class MaskGITSampler(Sampler):
             raise ConfigError(
                 f"the maskgit sampler needs a process with a MASK state; {type(process).__name__} has none"
             )
-        self.null_positions = 0
         x = self._decode(model, process, z, lengths, cfg_scale, s.steps, generator, callback, init)
         if s.correct > 0:  # the positions this call decoded
             if init is not None:
@@ -451,45 +439,6 @@ class MaskGITSampler(Sampler):
             again = (ranks_in_rows(score, descending=False) < n_mask[:, None]) & decoded
             x = self._decode(model, process, zr, None, cfg_scale, 1, generator, None, x.masked_fill(again, mask_id))
         return x
-
-    def _pick(self, logits, sel, *, x, rows, cand, column_of, pad_id, mask_id, noise, generator=None):
-        """One ranking of a step: the repetition penalty on logits (N, C) at the positions `sel` (B, L) (active rows
-        only, row-major; float32 logits are penalised in place), a token per position, its log-confidence and its
-        ranking score (Gumbel noise, position penalty, dedupe, deferred ending). `noise` holds the step's annealed
-        Gumbel scale; its (B, L) draw is made at the step's first ranking and kept there for the next. Returns pred
-        (B, L) long (x with the N choices written in), conf (B, L) float64 (-inf off `sel`) and score (B, L); higher
-        scores commit first."""
-        s = self.cfg.sampling
-        B, L = x.shape
-        sel_in = sel[rows]
-        if s.repeat_penalty > 0:
-            exempt = self.exempt(column_of.shape[1] if cand is not None else logits.shape[-1], pad_id, x.device)
-            logits = penalize_repeats(logits, x[rows], sel_in, exempt, s.repeat_penalty, mask_id,
-                                      None if cand is None else column_of[rows])
-        ids, logconf = choose_tokens(  # (N,), (N,)
-            logits, s.greedy, s.temperature, s.top_k, s.top_p, generator,
-            forbid=mask_id if cand is None else None,  # a shortlist never holds MASK
-        )
-        if cand is not None:  # columns -> vocabulary ids
-            ids = cand[rows][sel_in.nonzero()[:, 0], ids]
-        # scatter the N predictions back onto the (B, L) grid (row-major order = the select order)
-        pred = x.masked_scatter(sel, ids)  # (B, L)
-        conf = torch.full((B, L), -math.inf, dtype=torch.float64, device=x.device)
-        conf = conf.masked_scatter(sel, logconf.double().clamp(min=-1e4))  # finite at the selected positions
-        score = conf
-        if s.gumbel_noise > 0:
-            if "draw" not in noise:
-                u = torch.rand(B, L, dtype=torch.float64, device=x.device, generator=generator)
-                noise["draw"] = -torch.log(-torch.log(u.clamp(min=torch.finfo(torch.float64).tiny)))
-            score = conf + noise["scale"] * noise["draw"].masked_fill(~sel, 0.0)
-        if s.position_penalty > 0:  # positions off `sel` stay at -inf
-            pos = torch.arange(L, device=x.device, dtype=torch.float64)
-            score = score - s.position_penalty * pos[None, :]
-        if s.dedupe:  # duplicates rank below every other selected position (still above the rest)
-            score = torch.where(duplicate_predictions(pred, sel, score, pad_id), score - 1e6, score)
-        if s.defer_end:  # the sentence's end is decided after its content
-            score = torch.where(sel & ((pred == pad_id) | (pred == EOS_ID)), score - 1e7, score)
-        return pred, conf, score
 
     def _decode(self, model, process, z, lengths, cfg_scale, K: int, generator, callback, init):
         """The MaskGIT loop of `sample` in K steps (no self-correction)."""
@@ -549,17 +498,6 @@ class MaskGITSampler(Sampler):
         if reuse_null:
             nulls = NullReuse(s.guidance_refresh, cfg_scale, B, L, device)
             step_model, null_model, passes = guided(model, 1.0), guided(model, 0.0), 1
-        # null-pass candidates: the conditional pass ranks, the null pass runs at the best few positions only
-        candidates = null_kv = None
-        if s.guidance_candidates > 0 and passes == 2:
-            if self_cond:
-                log.warning("sampling.guidance_candidates: a self-conditioned decoder runs the null pass at every "
-                            "masked position; set sampling.guidance_candidates: 0 to silence this.")
-            else:
-                candidates = float(s.guidance_candidates)
-                step_model, null_model, passes = guided(model, 1.0), guided(model, 0.0), 1
-                null_kv = KVReuse(s.kv_refresh, B, L, 1, device) if reuse_kv else None
-        null_positions = 0  # positions the candidate null passes ran at
         kv = KVReuse(s.kv_refresh, B, L, passes, device) if reuse_kv else None
 
         for k in range(1, K + 1):
@@ -611,35 +549,38 @@ class MaskGITSampler(Sampler):
 
                 logits = nulls.guide(k, logits.float(), null_fn, x, mask, mask_id,
                                      forbid=mask_id if cand is None else None)
-            noise = {"scale": s.gumbel_noise * (1.0 - (k - 1) / K)}  # one Gumbel draw per step, shared by its rankings
-            pick = functools.partial(self._pick, x=x, rows=rows, cand=cand, column_of=column_of, pad_id=pad_id,
-                                     mask_id=mask_id, noise=noise, generator=generator)
-            if candidates is None:
-                pred, conf, score = pick(logits, mask)
-                chosen = mask
-            else:
-                # rank with the conditional pass, run the null pass at the best ceil(c * commit_n) positions only
-                _, _, cond_score = pick(logits.clone() if s.repeat_penalty > 0 else logits, mask)
-                n_cand = torch.minimum(torch.ceil(candidates * commit_n.double()).long(), masked_now)
-                chosen = (ranks_in_rows(cond_score, descending=True) < n_cand[:, None]) & mask  # (B, L)
-                chosen_in = chosen[rows]
-                if null_kv is not None:
-                    null = null_kv.logits(null_model, process, k, rows, x_in, chosen_in, mask_ratio[rows], z[rows],
-                                          extra)
-                else:
-                    null = process.clean_logits(null_model, x_in, mask_ratio[rows], z[rows], select=chosen_in,
-                                                **extra)
-                at = torch.full((x_in.shape[0], L), -1, dtype=torch.long, device=device)
-                at[mask_in] = torch.arange(logits.shape[0], device=device)
-                cond = logits[at[chosen_in]]  # (Nc, C) a copy: the guided logits are written over it
-                guided_logits = combine(cond, null, cfg_scale, out=cond)
-                if cand is None:  # both passes hold -inf at MASK: -inf - -inf is undefined
-                    guided_logits[:, mask_id] = -math.inf
-                null_positions += int(chosen_in.sum())
-                pred, conf, score = pick(guided_logits, chosen)
+            if s.repeat_penalty > 0:
+                exempt = self.exempt(V if cand is not None else logits.shape[-1], pad_id, x.device)
+                logits = penalize_repeats(logits, x_in, mask_in, exempt, s.repeat_penalty, mask_id,
+                                          None if cand is None else column_of[rows])
+            ids, logconf = choose_tokens(  # (N,), (N,)
+                logits, s.greedy, s.temperature, s.top_k, s.top_p, generator,
+                forbid=mask_id if cand is None else None,  # a shortlist never holds MASK
+            )
+            if cand is not None:  # columns -> vocabulary ids
+                ids = cand[rows][mask_in.nonzero()[:, 0], ids]
 
-            commit = ranks_in_rows(score, descending=True) < commit_n[:, None]  # only `chosen` rows rank high
-            commit &= chosen
+            # scatter the N predictions back onto the (B, L) grid (row-major order = the select order)
+            pred = x.masked_scatter(mask, ids)  # (B, L)
+            conf = torch.full((B, L), -math.inf, dtype=torch.float64, device=device)
+            conf = conf.masked_scatter(mask, logconf.double().clamp(min=-1e4))  # finite at masked positions
+            score = conf
+            if s.gumbel_noise > 0:
+                u = torch.rand(B, L, dtype=torch.float64, device=device, generator=generator)
+                gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(torch.float64).tiny)))
+                score = conf + (s.gumbel_noise * (1.0 - (k - 1) / K)) * gumbel.masked_fill(~mask, 0.0)
+
+            if s.position_penalty > 0:  # visible positions stay at -inf
+                pos = torch.arange(L, device=device, dtype=torch.float64)
+                score = score - s.position_penalty * pos[None, :]
+
+            if s.dedupe:  # duplicates rank below every other masked position (still above visible ones)
+                score = torch.where(duplicate_predictions(pred, mask, score, pad_id), score - 1e6, score)
+            if s.defer_end:  # the sentence's end is decided after its content
+                score = torch.where(mask & ((pred == pad_id) | (pred == EOS_ID)), score - 1e7, score)
+
+            commit = ranks_in_rows(score, descending=True) < commit_n[:, None]  # only masked rows rank high
+            commit &= mask
             x = torch.where(commit, pred, x)
             commit_conf = torch.where(commit, conf, commit_conf)
 
@@ -651,5 +592,4 @@ class MaskGITSampler(Sampler):
 
             if callback is not None:
                 callback(k, x)
-        self.null_positions += null_positions
         return x
