@@ -166,6 +166,8 @@ def main() -> int:
            + (f"; refine {args.refine} rounds x {args.refine_candidates}: {refined['metrics']['bleu']:.2f}"
               if refined else "")
            + f" | {args.steps} steps, CFG {args.cfg_scale:g}"
+           + (f", null pass every {cfg.sampling.guidance_refresh} steps"
+              if cfg.sampling.guidance_refresh > 0 and args.cfg_scale not in (0.0, 1.0) else "")
            + (f", {allocator}" if allocator != "libc" else "") + f"; {args.note} | `{out['command']}` |\n")
     results = Path(args.results)
     if not results.exists():

@@ -296,7 +296,9 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     assert out["malloc_tuned"] is (out["allocator"] == "libc" and platform.libc_ver()[0] == "glibc")
     assert "refine 1 rounds x 2:" in rows[0] and "(round trip " in rows[0]
     allocator = "" if out["allocator"] == "libc" else f", {out['allocator']}"
-    assert f"| 16 steps, CFG 1.5{allocator}; " in rows[0] and out["decoding"] == {"steps": 16, "cfg_scale": 1.5}
+    g = out["resolved_config"]["sampling"]["guidance_refresh"]  # null-pass reuse, named in the row when on
+    null = f", null pass every {g} steps" if g > 0 else ""
+    assert f"| 16 steps, CFG 1.5{null}{allocator}; " in rows[0] and out["decoding"] == {"steps": 16, "cfg_scale": 1.5}
     latest = tmp_path / "checkpoints" / "bench_smoke_test" / "latest"
     assert latest.is_dir()
 
@@ -305,7 +307,7 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     again_json.unlink(missing_ok=True)
     cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--config", CONFIG, "--checkpoint", str(latest),
            "--num-valid", "8", "--rerank", "1", "--run-name", "bench_smoke_test_ckpt", "--results", str(results),
-           *tiny_overrides(tiny_corpus, tmp_path), "sampling.repeat_penalty=2.5"]
+           *tiny_overrides(tiny_corpus, tmp_path), "sampling.repeat_penalty=2.5", "sampling.guidance_refresh=0"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=bench_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [ln for ln in results.read_text().splitlines() if ln.startswith("| 20")]
@@ -313,6 +315,7 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     again = json.loads(again_json.read_text())
     assert again["steps"] == out["steps"] and again["train_seconds"] is None and again["rerank"] is None
     assert again["resolved_config"]["sampling"]["repeat_penalty"] == 2.5
+    assert "null pass every" not in rows[1] and "| 16 steps, CFG 1.5" in rows[1]
 
 
 def test_decode_grid_smoke(tiny_checkpoint, tmp_path):
