@@ -297,7 +297,8 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     assert "refine 1 rounds x 2:" in rows[0] and "(round trip " in rows[0]
     allocator = "" if out["allocator"] == "libc" else f", {out['allocator']}"
     g = out["resolved_config"]["sampling"]["guidance_refresh"]  # null-pass reuse, named in the row when on
-    null = f", null pass every {g} steps" if g > 0 else ""
+    assert g > 0  # the fiction config reuses the null pass with guidance, so the row must say so
+    null = f", null pass every {g} steps"
     assert f"| 16 steps, CFG 1.5{null}{allocator}; " in rows[0] and out["decoding"] == {"steps": 16, "cfg_scale": 1.5}
     latest = tmp_path / "checkpoints" / "bench_smoke_test" / "latest"
     assert latest.is_dir()
