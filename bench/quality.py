@@ -81,6 +81,7 @@ def main() -> int:
     from sgdd.config import config_to_dict, load_config
     from sgdd.embed_cache import prepare
     from sgdd.evaluation import evaluate_reconstruction, print_report
+    from sgdd.sampling.maskgit import reuses_null_pass
     from sgdd.training import train
 
     run_name = args.run_name or f"bench_quality_{time.strftime('%Y%m%d_%H%M%S')}"
@@ -156,6 +157,9 @@ def main() -> int:
     out_path = out_dir / f"{run_name}.json"
     out_path.write_text(json.dumps(out, indent=2, default=str))
     m, r = plain["metrics"], (reranked or {}).get("metrics", {})
+    sampling = model.cfg.sampling  # the row names null-pass reuse when the sampler applied it
+    null_reuse = sampling.sampler == "maskgit" and reuses_null_pass(sampling, args.cfg_scale,
+                                                                    model.cfg.model.self_condition)
     row = (f"| {out['date']} | {out['commit']} | {args.config} {' '.join(args.overrides)} | {budget} | {m.get('bleu', float('nan')):.2f} "
            f"(round trip {m.get('bleu_roundtrip', float('nan')):.2f}) | "
            f"{m.get('chrf', float('nan')):.1f} | {m.get('exact_match', float('nan')):.3f} | "
@@ -166,8 +170,7 @@ def main() -> int:
            + (f"; refine {args.refine} rounds x {args.refine_candidates}: {refined['metrics']['bleu']:.2f}"
               if refined else "")
            + f" | {args.steps} steps, CFG {args.cfg_scale:g}"
-           + (f", null pass every {cfg.sampling.guidance_refresh} steps"
-              if cfg.sampling.guidance_refresh > 0 and args.cfg_scale not in (0.0, 1.0) else "")
+           + (f", null pass every {sampling.guidance_refresh} steps" if null_reuse else "")
            + (f", {allocator}" if allocator != "libc" else "") + f"; {args.note} | `{out['command']}` |\n")
     results = Path(args.results)
     if not results.exists():

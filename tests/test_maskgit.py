@@ -15,6 +15,7 @@ from sgdd.sampling.maskgit import (
     filter_logits,
     masked_count,
     ranks_in_rows,
+    reuses_null_pass,
     sample_categorical,
     shortlist_ids,
 )
@@ -730,6 +731,27 @@ def test_guidance_refresh_runs_the_null_pass_only_at_refresh_steps():
     calls.clear()
     MaskGITSampler(make_cfg(steps=6, guidance_refresh=3)).sample(dec, process, z, lengths, 1.0)
     assert calls.count(True) == 0 and len(calls) == 6
+
+
+def test_reuses_null_pass_says_what_the_sampler_does():
+    from sgdd.diffusion import build_process
+    from sgdd.sampling.guidance import guidance_passes, guided
+
+    for scale in (0.0, 1.0, 1.5, 3.0):  # the pass count guided() wraps the model with
+        assert guidance_passes(scale) == guided(lambda *a, **k: None, scale).passes
+    dec = _perturbed_decoder()
+    calls = _count_null_calls(dec)
+    process = build_process(make_cfg())
+    lengths = torch.tensor([9, 7, 8])
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    # reuse on: fewer null passes than steps; off (no guidance, or G = 0): none, or one at every step
+    for g, scale, reuses in ((3, 2.0, True), (3, 1.0, False), (3, 0.0, False), (0, 2.0, False)):
+        calls.clear()
+        cfg = make_cfg(steps=6, guidance_refresh=g)
+        MaskGITSampler(cfg).sample(dec, process, z, lengths, scale)
+        assert reuses_null_pass(cfg.sampling, scale) is reuses, (g, scale)
+        assert (0 < calls.count(True) < 6) is reuses, (g, scale, calls.count(True))
+    assert not reuses_null_pass(make_cfg(guidance_refresh=3).sampling, 2.0, self_condition=True)
 
 
 def test_null_reuse_adds_the_kept_guidance_direction_of_each_position():

@@ -66,6 +66,11 @@ def combine(
     return out
 
 
+def guidance_passes(scale: float) -> int:
+    """Model passes per call of guided(model, scale): 1 at scale 1 (conditional only) or 0 (null only), else 2."""
+    return 1 if float(scale) in (0.0, 1.0) else 2
+
+
 def guided(model: ModelFn, scale: float) -> ModelFn:
     """Wrap `model` (signature of Decoder.forward) into a guided model with the same signature.
 

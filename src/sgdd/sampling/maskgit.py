@@ -88,7 +88,7 @@ from sgdd.data import frequency_order
 from sgdd.models.decoder import KVState
 from sgdd.registry import ConfigError
 from sgdd.sampling.base import SAMPLERS, Sampler, penalize_repeats, slot_width
-from sgdd.sampling.guidance import guided, row_slices
+from sgdd.sampling.guidance import guidance_passes, guided, row_slices
 
 PAD_ID = 0  # decoder vocabulary contract (sgdd.data.Vocab.PAD); a process may override with .pad_id
 EOS_ID = 2  # decoder vocabulary contract (sgdd.data.Vocab.EOS)
@@ -278,6 +278,13 @@ def choose_tokens(
             part[:, forbid] = float("-inf")
         ids[rows], logconf[rows] = _choose_slice(part, greedy, temperature, top_k, top_p, generator)
     return ids, logconf
+
+
+def reuses_null_pass(s, cfg_scale: float, self_condition: bool = False) -> bool:
+    """Whether MaskGIT decoding with sampling settings `s` (SamplingConfig) at `cfg_scale` runs the null pass
+    only every s.guidance_refresh steps (NullReuse): guidance on (two passes) and a decoder without
+    self-conditioning (which runs the null pass at every step). The sampler and bench/quality.py's row ask this."""
+    return s.guidance_refresh > 0 and guidance_passes(cfg_scale) == 2 and not self_condition
 
 
 class KVReuse:
@@ -489,7 +496,7 @@ class MaskGITSampler(Sampler):
                         "this.")
             reuse_kv = False
         # null-pass reuse: the conditional pass runs alone (one pass) and NullReuse guides it
-        reuse_null = s.guidance_refresh > 0 and passes == 2
+        reuse_null = reuses_null_pass(s, cfg_scale)
         if reuse_null and self_cond:
             log.warning("sampling.guidance_refresh: a self-conditioned decoder runs the null pass at every step; "
                         "set sampling.guidance_refresh: 0 to silence this.")
