@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -435,8 +436,18 @@ def test_profile_sampling_smoke(tiny_checkpoint, tmp_path):
     lines = [next(line for line in p.stdout.splitlines() if "sentences/s" in line) for p in runs]
     rate = float(lines[0].split()[0])
     assert rate > 0 and "2 batches of 4, 2 steps" in lines[0] and "split 2" in lines[2]
-    digest = [line.rsplit("outputs ", 1)[1] for line in lines]
+    digest = [re.search(r"outputs (\w+), BLEU (\d+\.\d+)", line).group(1) for line in lines]
     assert digest[0] == digest[1] and len(digest[0]) == 12  # same seeds, same text
     assert "aten::" in runs[2].stdout and "aten::" not in runs[0].stdout
-    bad = subprocess.run([*base, "--split", "9"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert bad.returncode == 2 and "--split" in bad.stderr and "Traceback" not in bad.stderr
+    # --against: both settings timed batch by batch; A is the plain run's setting, so its outputs are the same
+    ab = subprocess.run([*base, "--against", "sampling.row_widths=false"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, env=env)
+    assert ab.returncode == 0, ab.stdout[-3000:] + ab.stderr[-3000:]
+    a_line = next(line for line in ab.stdout.splitlines() if line.startswith("A: "))
+    assert re.search(r"outputs (\w+)", a_line).group(1) == digest[0]
+    assert "B: " in ab.stdout and "A + sampling.row_widths=false" in ab.stdout
+    assert re.search(r"time B / A: median \d+\.\d+ over 2 batches", ab.stdout)
+    for extra, flag in ((["--split", "9"], "--split"), (["--against", "sampling.steps=4", "--torch-profile"],
+                                                         "--against")):
+        bad = subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr

@@ -651,6 +651,33 @@ def test_kv_refresh_reuses_keys_and_values_of_unchanged_positions(scale):
     assert (reused[torch.arange(9)[None].expand(3, -1) >= lengths[:, None]] == PAD).all()
 
 
+@pytest.mark.parametrize("extra", [{}, {"kv_refresh": 3}, {"kv_refresh": 3, "guidance_refresh": 2},
+                                   {"correct": 1, "correct_frac": 0.3}])
+def test_row_widths_decode_each_row_as_if_it_were_alone(extra):
+    """sampling.row_widths: a batch of rows of different lengths decodes each row exactly as it decodes alone (its
+    own PAD tail, mask fraction and attention), with and without key / value and null-pass reuse and correction."""
+    from sgdd.diffusion import build_process
+
+    dec = _perturbed_decoder()
+    process = build_process(make_cfg())
+    cfg = make_cfg(steps=6, pad_tail=3, **extra)
+    lengths = torch.tensor([9, 6, 3, 6])
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
+    sampler = MaskGITSampler(cfg)
+    assert torch.equal(sampler.row_widths(dec, lengths), torch.tensor([12, 9, 6, 9]))
+    batch = sampler.sample(dec, process, z, lengths, 1.5)
+    assert batch.shape == (4, 12)
+    for b in range(4):
+        alone = sampler.sample(dec, process, z[b : b + 1], lengths[b : b + 1], 1.5)
+        assert alone.shape == (1, int(lengths[b]) + 3)
+        assert torch.equal(batch[b, : alone.shape[1]], alone[0]), b
+        assert (batch[b, alone.shape[1] :] == PAD).all()
+    # off, or a model that does not take widths: every row as wide as the batch
+    assert MaskGITSampler(make_cfg(steps=6, pad_tail=3, row_widths=False)).row_widths(dec, lengths) is None
+    assert sampler.row_widths(TargetModel(_target()), lengths) is None
+    assert sampler.row_widths(dec, torch.tensor([5, 5])) is None  # all rows as wide as the batch
+
+
 @pytest.mark.parametrize("field", ["z_positions", "self_condition"])
 def test_kv_refresh_falls_back_with_a_warning_for_decoders_that_cannot_reuse(caplog, field):
     from sgdd.config import ModelConfig
@@ -708,7 +735,9 @@ def test_guidance_refresh_1_decodes_exactly_as_guidance_at_every_step():
     process = build_process(make_cfg())
     lengths = torch.tensor([9, 6, 3])
     z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
-    for extra in ({}, {"kv_refresh": 2}):
+    # with key / value reuse only at kv_refresh 1 (full passes): a reused null pass runs without the cache, so at
+    # kv_refresh > 1 it is exact where guidance at every step reuses keys / values for both passes
+    for extra in ({}, {"kv_refresh": 1}):
         exact = MaskGITSampler(make_cfg(steps=6, **extra)).sample(dec, process, z, lengths, 1.5)
         every = MaskGITSampler(make_cfg(steps=6, guidance_refresh=1, **extra)).sample(dec, process, z, lengths, 1.5)
         assert torch.equal(every, exact), extra

@@ -550,6 +550,56 @@ def test_kv_passes_match_the_plain_forward(pretrained, bow, prefix, request):
         assert not torch.allclose(mixed[rows_of == 1], exact[rows_of == 1], atol=1e-3)
 
 
+@pytest.mark.parametrize("pretrained,bow,prefix,positions", [
+    (False, False, 0, "learned"), (False, True, 2, "learned"), (True, True, 0, "learned"), (True, False, 3, "learned"),
+    (False, False, 0, "both"), (False, False, 2, "rope")])
+def test_row_widths_decode_each_row_as_if_alone(pretrained, bow, prefix, positions, request):
+    """forward(widths=w): row b's logits are those of its first w[b] positions run alone, on every path: plain (RoPE
+    decoders: masked attention), a packed full pass with and without a kept cache, and a packed step after it."""
+    from sgdd.models.decoder import KVState
+
+    if pretrained:
+        dec, _ = minilm_decoder(request.getfixturevalue("minilm"), num_layers=2, bow_head=bow, prefix_tokens=prefix)
+        Lx = 12
+    else:
+        dec, Lx = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix, positions=positions), V, L).eval(), L
+    perturb_modulation(dec)
+    g = torch.Generator().manual_seed(2)
+    widths = torch.tensor([Lx, 4, 7])
+    x = torch.randint(3, V, (3, Lx), generator=g)
+    x[:, 1:3] = 1  # MASK
+    t, z = torch.rand(3, generator=g), torch.randn(3, DZ, generator=g)
+    inside = torch.arange(Lx)[None, :] < widths[:, None]
+    select = (x == 1) & inside
+    with torch.no_grad():
+        alone = [dec(x[b : b + 1, : widths[b]], t[b : b + 1], z[b : b + 1], select=select[b : b + 1, : widths[b]])
+                 for b in range(3)]
+        alone = torch.cat(alone)
+        together = dec(x, t, z, select=select, widths=widths)
+        assert torch.allclose(together, alone, atol=1e-5)
+        assert not torch.allclose(dec(x, t, z, select=select), alone, atol=1e-3)  # without widths rows see more
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.allclose(dec(x, t, z, select=select, widths=widths).float(), alone, atol=0.1, rtol=0.05)
+        if not dec.supports_kv:
+            return
+        state = KVState()
+        assert torch.allclose(dec(x, t, z, select=select, kv=state, widths=widths), alone, atol=1e-5)
+        y = x.clone()
+        y[:, 1] = 5  # commit one token per row, then run only the masked and changed positions
+        sel = (y == 1) & inside
+        positions = torch.tensor([[1, 2]] * 3)
+        step = dec(y, t, z, select=sel, kv=KVState(state.cache, positions), widths=widths)
+        ref = []
+        for b in range(3):  # the same two passes on the row alone
+            w, one = int(widths[b]), KVState()
+            dec(x[b : b + 1, :w], t[b : b + 1], z[b : b + 1], select=select[b : b + 1, :w], kv=one)
+            ref.append(dec(y[b : b + 1, :w], t[b : b + 1], z[b : b + 1], select=sel[b : b + 1, :w],
+                           kv=KVState(one.cache, positions[:1])))
+        assert torch.allclose(step, torch.cat(ref), atol=1e-5)
+        with pytest.raises(ValueError, match="widths must be"):
+            dec(x, t, z, select=select, widths=torch.tensor([Lx + 1, 4, 7]))
+
+
 def test_kv_is_refused_where_the_cache_would_be_wrong():
     from sgdd.models.decoder import KVState
 

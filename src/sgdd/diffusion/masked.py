@@ -330,9 +330,11 @@ class MaskedProcess(SampledSoftmax, Process):
         return_features: bool = False,
         shortlist: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv=None,
+        widths: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits of p(x_0 | x_t), float32, [MASK] excluded; (B, L, V) or (N, V) at the selected positions.
-        `kv` (sgdd.models.decoder.KVState) passes through to the model (decoding with reused keys / values).
+        `kv` (sgdd.models.decoder.KVState) passes through to the model (decoding with reused keys / values), as do
+        `widths` (B,) (each row's own width, Decoder.forward).
         With a self-conditioned model: `sc` is the previous estimate's features, and `return_features` returns
         (logits, features) (see Decoder.forward). With a `shortlist` (shared ids, per-row ids) the logits are
         (N, F + K) over those ids (the caller keeps [MASK] out of them)."""
@@ -344,6 +346,8 @@ class MaskedProcess(SampledSoftmax, Process):
             kw["shortlist"] = shortlist
         if kv is not None:
             kw["kv"] = kv
+        if widths is not None:
+            kw["widths"] = widths
         out = model(x_t, t, z, uncond=uncond, select=select, **kw)
         logits, feats = out if return_features else (out, None)
         logits = logits.float() if shortlist is not None else exclude_class(logits, self.mask_id)

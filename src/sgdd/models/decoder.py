@@ -92,11 +92,13 @@ class KVState:
     values) (B, H, L, hd) for x_t's rows, None before the first (full) pass; `positions` (B, r) long are the
     positions to run at the next call (repeats allowed), None = all; `valid` (B, r) bool, optional, marks the
     entries of `positions` to run (the rest are padding, never run; None = all). The positions run are packed:
-    their projections and MLPs cost what they hold, not B x r. forward replaces `cache` with the new one."""
+    their projections and MLPs cost what they hold, not B x r. forward replaces `cache` with the new one, written
+    into the given tensors when `writable` (the caller owns them: no copy of the whole cache per call)."""
 
     cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     positions: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    writable: bool = False
 
 
 @dataclass
@@ -149,6 +151,12 @@ class PriorRows:
     def twice(self) -> PriorRows:
         return PriorRows(self.w_shared, self.b_shared, self.seen_shared, torch.cat([self.w_own] * 2),
                          torch.cat([self.b_own] * 2), torch.cat([self.seen_own] * 2))
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's output has here: autocast's for the weight's device when it is on, else the weight's."""
+    kind = weight.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
 
 
 class Decoder(nn.Module):
@@ -362,11 +370,24 @@ class Decoder(nn.Module):
         prefix = self.prefix_proj(z).view(h.shape[0], self.num_prefix, -1) + self.prefix_pos  # (B, P, D)
         return torch.cat([prefix.to(h.dtype), h], dim=1)
 
+    def _key_mask(self, widths: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor | None:
+        """(B, P + L) bool: the prefix and each row's first widths[b] positions (the keys its queries attend to);
+        None (attend to all) without widths."""
+        if widths is None:
+            return None
+        B, L = x_t.shape
+        widths = widths.to(device=x_t.device, dtype=torch.long)
+        if widths.shape != (B,) or bool((widths < 1).any()) or bool((widths > L).any()):
+            raise ValueError(f"widths must be ({B},) integers in 1..{L} (the row length), got {widths.tolist()}")
+        P = self.num_prefix
+        return torch.arange(P + L, device=x_t.device)[None, :] < (P + widths)[:, None]
+
     def _hidden(
         self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, uncond: torch.Tensor | None = None,
-        sc: torch.Tensor | None = None,
+        sc: torch.Tensor | None = None, widths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L = x_t.shape
+        key_mask = self._key_mask(widths, x_t)
         c, z = self._condition_rows(x_t, t, z, uncond)
         h = self.tok_emb(x_t)  # (B, L, D)
         if self.pos_emb is not None:
@@ -388,7 +409,7 @@ class Decoder(nn.Module):
         if self.rope_cos is not None:
             rope = (self.rope_cos[: P + L], self.rope_sin[: P + L])
         for block in self.blocks:
-            h = block(h, c, rope)
+            h = block(h, c, rope, key_mask)
         return h[:, P:], c, z
 
     def forward(
@@ -404,6 +425,7 @@ class Decoder(nn.Module):
         return_features: bool = False,
         shortlist: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv: KVState | None = None,
+        widths: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x_t (B, L) long, t (B,) in [0, 1], z (B, Dz), uncond (B,) bool, select (B, L) bool ->
         logits (B, L, V), or (N, V) for the N selected positions in row-major order.
@@ -424,13 +446,21 @@ class Decoder(nn.Module):
         and kv.cache is set to each block's (keys, values) (B, H, L, hd); with kv.cache and kv.positions (B, r)
         only those positions are run (the selected ones must be among them), attending to the cached keys /
         values elsewhere, and kv.cache is updated at them. Approximate: cached entries were computed from an
-        earlier state and time. The logits are as without kv."""
+        earlier state and time. The logits are as without kv. A full pass with `widths` runs only the positions
+        inside them (packed; the others' entries are zero and never attended to); so does a call with widths and
+        without kv, where the decoder supports kv (a full pass whose cache is dropped).
+
+        Row widths (`widths` (B,) long in 1..L, decoding): row b is the sequence of its first widths[b] positions,
+        as if it were alone in a batch of that length: no position attends to keys beyond its row's width (their
+        outputs are not meaningful; select none of them). None: every row is L long."""
+        if kv is None and widths is not None and self.supports_kv and sc is None and not return_features:
+            kv = KVState()  # a packed full pass: only the positions inside the widths run; its cache is dropped
         if kv is not None:
             if sc is not None or return_features or columns is not None:
                 raise ValueError("kv (decoding with reused keys / values) excludes sc, return_features and columns")
-            h, c, z_eff = self._hidden_kv(x_t, t, z, uncond, kv)
+            h, c, z_eff = self._hidden_kv(x_t, t, z, uncond, kv, widths)
         else:
-            h, c, z_eff = self._hidden(x_t, t, z, uncond, sc)
+            h, c, z_eff = self._hidden(x_t, t, z, uncond, sc, widths)
         embedding = self.tok_emb.weight if self.tie_embeddings else None
         feats = None
         if shortlist is not None:
@@ -463,6 +493,8 @@ class Decoder(nn.Module):
         logits = self._add_prior(logits, z_eff, x_t, select, columns, target)
         return logits if feats is None else (logits, feats)
 
+    supports_widths = True  # forward takes each row's own width (widths=...)
+
     @property
     def supports_kv(self) -> bool:
         """Whether forward(kv=...) can run this decoder: learned positions only, no self-conditioning, no
@@ -471,16 +503,25 @@ class Decoder(nn.Module):
         return not (self.pos_emb is None or self.rope_cos is not None or self.sc_proj is not None
                     or self.z_pos is not None)
 
-    def _hidden_kv(self, x_t, t, z, uncond, kv: KVState):
-        """_hidden with reused keys / values (see forward): (h (B, L, D) zero outside kv.positions, c, z')."""
+    def _hidden_kv(self, x_t, t, z, uncond, kv: KVState, widths: torch.Tensor | None = None):
+        """_hidden with reused keys / values (see forward): (h (B, L, D) zero outside the positions run, c, z')."""
         if not self.supports_kv:
             raise ConfigError("sampling.kv_refresh supports decoders with learned positions and without "
                               "self-conditioning or z_positions; set sampling.kv_refresh: 0")
         B, L = x_t.shape
         P = self.num_prefix  # the cache holds P prefix entries, then the L positions
         c, z = self._condition_rows(x_t, t, z, uncond)
-        at = None  # the first pass runs every position; later ones the packed positions of kv.positions
-        if kv.cache is None:
+        key_mask = self._key_mask(widths, x_t)
+        at = at_cache = None  # a full pass runs every position (inside the widths); later ones kv.positions
+        if kv.cache is None and key_mask is not None:
+            # packed full pass: the prefix and each row's positions inside its width, against zero entries
+            row, slot = key_mask.nonzero(as_tuple=True)  # (M,) row-major, slot = cache position
+            at_cache = PackedPositions(row, slot, slot, P + L)
+            h = self._prepend_prefix(self.tok_emb(x_t) + self.pos_emb[:L], z)[row, slot]  # (M, D)
+            H, hd = self.blocks[0].attn.num_heads, self.blocks[0].attn.head_dim
+            zero = torch.zeros(B, H, P + L, hd, dtype=compute_dtype(self.tok_emb.weight), device=x_t.device)
+            kv.cache = [(zero, zero)] * len(self.blocks)  # never written: forward_packed builds new tensors
+        elif kv.cache is None:
             h = self._prepend_prefix(self.tok_emb(x_t) + self.pos_emb[:L], z)
         else:
             idx = kv.positions
@@ -489,17 +530,23 @@ class Decoder(nn.Module):
             at = PackedPositions(row, idx[row, slot], slot, idx.shape[1])
             h = self.tok_emb(x_t[row, at.pos]) + self.pos_emb.index_select(0, at.pos)  # (M, D)
         h = self.emb_drop(self.emb_norm(h))
-        at_cache = at if at is None or P == 0 else PackedPositions(at.row, at.pos + P, at.slot, at.width)
+        if at is not None:
+            at_cache = at if P == 0 else PackedPositions(at.row, at.pos + P, at.slot, at.width)
         cache = []
         for i, block in enumerate(self.blocks):
-            h, pair = block.forward_kv(h, c, None if at is None else kv.cache[i], at_cache)
+            h, pair = block.forward_kv(h, c, None if at_cache is None else kv.cache[i], at_cache, key_mask,
+                                       inplace=kv.writable and at is not None)
             cache.append(pair)
         kv.cache = cache
-        if at is None:
-            h = h[:, P:]
-        else:  # back to (B, L, D), zero outside the positions run
-            D = h.shape[-1]
-            h = h.new_zeros(B * L, D).index_copy_(0, at.row * L + at.pos, h).view(B, L, D)
+        if at_cache is None:
+            return h[:, P:], c, z
+        # back to (B, L, D), zero outside the positions run (the prefix's outputs are not needed)
+        D = h.shape[-1]
+        row, pos = at_cache.row, at_cache.pos - P
+        if P > 0:
+            keep = pos >= 0
+            row, pos, h = row[keep], pos[keep], h[keep]
+        h = h.new_zeros(B * L, D).index_copy_(0, row * L + pos, h).view(B, L, D)
         return h, c, z
 
     def prepare_shortlist(self, shared: torch.Tensor, per_row: torch.Tensor) -> Shortlist:
@@ -507,8 +554,7 @@ class Decoder(nn.Module):
         gathered now, cast to autocast's dtype when autocast is on for the table's device (forward would cast
         them at every call)."""
         weight, bias = self.final.output_table(self.tok_emb.weight if self.tie_embeddings else None)
-        kind = weight.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        dtype = compute_dtype(weight)
         prior = None
         if self.bow_mlp is not None:
             seen = self.bow_seen.float()

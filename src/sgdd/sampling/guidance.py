@@ -81,7 +81,8 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
     `sc` and the returned features hold 2B rows, the conditional pass's first. `passes` (an attribute of the
     returned function) is the number of model passes per call, 1 or 2. A `shortlist` (shared ids, per-row ids
     (B, K)) passes through too, the per-row ids doubled for the null rows; so does `kv` (reused keys / values,
-    sgdd.models.decoder.KVState: its cache holds 2B rows, its positions and valid marks are doubled).
+    sgdd.models.decoder.KVState: its cache holds 2B rows, its positions and valid marks are doubled), and
+    `widths` (B,) (each row's own width), doubled.
     """
     scale = float(scale)
 
@@ -103,7 +104,8 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
         unconditional.passes = 1
         return unconditional
 
-    def cfg(x_t, t, z, uncond=None, select=None, sc=None, return_features=False, shortlist=None, kv=None):
+    def cfg(x_t, t, z, uncond=None, select=None, sc=None, return_features=False, shortlist=None, kv=None,
+            widths=None):
         B = x_t.shape[0]
         cond_rows = uncond if uncond is not None else torch.zeros(B, dtype=torch.bool, device=x_t.device)
         null_rows = torch.ones(B, dtype=torch.bool, device=x_t.device)
@@ -113,8 +115,10 @@ def guided(model: ModelFn, scale: float) -> ModelFn:
             sc_kw["shortlist"] = (shortlist.twice() if isinstance(shortlist, Shortlist)
                                   else (shortlist[0], _twice(shortlist[1])))
         if kv is not None:  # reused keys / values: kv.cache holds 2B rows (conditional first), as sc does
-            inner = KVState(kv.cache, _twice(kv.positions), _twice(kv.valid))
+            inner = KVState(kv.cache, _twice(kv.positions), _twice(kv.valid), kv.writable)
             sc_kw["kv"] = inner
+        if widths is not None:
+            sc_kw["widths"] = _twice(widths)
         out = model(  # (2B, L, V) or (2N, V): the conditional rows first, the null rows second
             _twice(x_t), _twice(t), _twice(z), uncond=torch.cat([cond_rows, null_rows]), select=_twice(select),
             **sc_kw,

@@ -10,8 +10,14 @@ positions stay masked after step k (cosine unmasking schedule; m_K = 0, so nothi
 confidence of a prediction is the guided model's probability of the chosen token (float32); for ranking,
 annealed Gumbel noise can be added to its log: log p + gumbel_noise * (1 - (k-1)/K) * G, G ~ Gumbel(0, 1)
 drawn in float64. MASK is never predicted; PAD and EOS are (the model learns where a sentence ends).
-The process is told the fraction of the row's L positions (slots + PAD tail, sgdd.sampling.base.slot_width)
-that are masked (the PAD tail counts as visible), the quantity the masked process conditions on in training.
+The process is told the fraction of the row's positions (slots + PAD tail) that are masked (the PAD tail counts as
+visible), the quantity the masked process conditions on in training.
+
+Row widths (sampling.row_widths, on by default): each row is decoded at its own width, its slots + sampling.pad_tail
+(capped at data.max_length), as if it were alone in its batch: the decoder attends to no position beyond it
+(Decoder.forward(widths=...)), its mask fraction is over its own positions, and the full passes of key / value
+reuse run only the positions inside the widths. Off: every row is L = sgdd.sampling.base.slot_width wide (the
+batch's longest slot + the tail), so a short row batched with a long one sees a longer PAD tail than alone.
 
 De-duplication (sampling.dedupe): when several masked positions of a row predict the same token
 in one step, only the most confident of them can be committed in that step (PAD exempt); parallel decoding
@@ -87,7 +93,7 @@ import torch
 from sgdd.data import frequency_order
 from sgdd.models.decoder import KVState
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS, Sampler, penalize_repeats, slot_width
+from sgdd.sampling.base import SAMPLERS, Sampler, pad_tail, penalize_repeats, slot_width
 from sgdd.sampling.guidance import guidance_passes, guided, row_slices
 
 PAD_ID = 0  # decoder vocabulary contract (sgdd.data.Vocab.PAD); a process may override with .pad_id
@@ -312,15 +318,19 @@ class KVReuse:
             r = int(count.max())
             order = torch.sort((~stale).to(torch.int8), dim=1, stable=True).indices[:, :r]  # stale positions first
             fill = torch.arange(r, device=x_in.device)[None, :] < count[:, None]
-            # (b, r): each row's stale positions, then padding the decoder skips (packed: it runs M = count.sum())
-            state = KVState([(kc[pass_rows], vc[pass_rows]) for kc, vc in self.cache], order, fill)
+            # (b, r): each row's stale positions, then padding the decoder skips (packed: it runs M = count.sum());
+            # the decoder updates the entries in place: the cache itself when every row runs, else the rows' copy
+            every = isinstance(rows, slice)
+            cache = self.cache if every else [(kc[pass_rows], vc[pass_rows]) for kc, vc in self.cache]
+            state = KVState(cache, order, fill, writable=True)
         logits = process.clean_logits(step_model, x_in, mask_ratio, z, select=mask_in, kv=state, **extra)
         if self.cache is None:
             self.cache = [(kc.new_zeros((passes * B,) + kc.shape[1:]), vc.new_zeros((passes * B,) + vc.shape[1:]))
                           for kc, vc in state.cache]
         for (kc, vc), (kn, vn) in zip(self.cache, state.cache, strict=True):
-            kc[pass_rows] = kn
-            vc[pass_rows] = vn
+            if kn is not kc:
+                kc[pass_rows] = kn
+                vc[pass_rows] = vn
         self.ids[rows] = x_in
         return logits
 
@@ -409,17 +419,30 @@ class MaskGITSampler(Sampler):
             raise ConfigError(
                 f"the maskgit sampler needs a process with a MASK state; {type(process).__name__} has none"
             )
-        x = self._decode(model, process, z, lengths, cfg_scale, s.steps, generator, callback, init)
+        widths = None if init is not None else self.row_widths(model, lengths)
+        x = self._decode(model, process, z, lengths, cfg_scale, s.steps, generator, callback, init, widths)
         if s.correct > 0:  # the positions this call decoded
             if init is not None:
                 decoded = init.to(x.device) == process.mask_id
             else:
                 decoded = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
-            x = self.correct(model, process, z, x, decoded, cfg_scale, s.correct, s.correct_frac, generator)
+            x = self.correct(model, process, z, x, decoded, cfg_scale, s.correct, s.correct_frac, generator,
+                             widths)
         return x
 
+    def row_widths(self, model, lengths: torch.Tensor) -> torch.Tensor | None:
+        """(B,) long: each row's own width, its slots + sampling.pad_tail capped at data.max_length (never below
+        its slots), when sampling.row_widths is on, the model takes widths (Decoder.supports_widths) and some row
+        is narrower than the batch (slot_width); else None (every row as wide as the batch)."""
+        if not self.cfg.sampling.row_widths or not getattr(model, "supports_widths", False):
+            return None
+        lengths = lengths.long()
+        own = torch.maximum(lengths, (lengths + pad_tail(self.cfg)).clamp(max=self.cfg.data.max_length))
+        return None if bool((own == slot_width(lengths, self.cfg)).all()) else own
+
     @torch.no_grad()
-    def correct(self, model, process, z, x, decoded, cfg_scale, rounds: int, frac: float, generator=None):
+    def correct(self, model, process, z, x, decoded, cfg_scale, rounds: int, frac: float, generator=None,
+                widths=None):
         """Self-correction: `rounds` times, score every decoded position (decoded (B, L) bool) by log p(x_l | x)
         from one full guided pass over x (no position masked, the model's time input at mask fraction 0), mask
         the ceil(frac * count) lowest-scoring decoded positions of each row (at least one) and refill them in one
@@ -428,7 +451,8 @@ class MaskGITSampler(Sampler):
         Designed for decoders trained with diffusion.substitute > 0; measured, it helps one trained on masked
         positions only as much (bench/RESULTS.md "Twenty-third round"). With self.hypothesis_fn set and a decoder
         built with a hypothesis input (diffusion.corrector > 0), each round's condition is
-        model.hypothesis_latent(z, hypothesis_fn(x)): the row's meaning and its current hypothesis's."""
+        model.hypothesis_latent(z, hypothesis_fn(x)): the row's meaning and its current hypothesis's. widths (B,),
+        optional: each row's own width (see row_widths)."""
         mask_id = process.mask_id
         B, L = x.shape
         step_model = guided(model, cfg_scale)
@@ -439,16 +463,19 @@ class MaskGITSampler(Sampler):
         use_hyp = self.hypothesis_fn is not None and getattr(model, "hyp_proj", None) is not None
         for _ in range(rounds):
             zr = model.hypothesis_latent(z, self.hypothesis_fn(x).to(z.device)) if use_hyp else z
-            logits = process.clean_logits(step_model, x, zero, zr, select=decoded)  # (N, V), [MASK] excluded
+            extra = {} if widths is None else {"widths": widths}
+            logits = process.clean_logits(step_model, x, zero, zr, select=decoded, **extra)  # (N, V), no [MASK]
             own = logits.log_softmax(-1).gather(1, x[decoded][:, None])[:, 0]  # (N,) log p(current token)
             score = torch.full((B, L), math.inf, dtype=torch.float64, device=x.device)
             score = score.masked_scatter(decoded, own.double())
             again = (ranks_in_rows(score, descending=False) < n_mask[:, None]) & decoded
-            x = self._decode(model, process, zr, None, cfg_scale, 1, generator, None, x.masked_fill(again, mask_id))
+            x = self._decode(model, process, zr, None, cfg_scale, 1, generator, None, x.masked_fill(again, mask_id),
+                             widths)
         return x
 
-    def _decode(self, model, process, z, lengths, cfg_scale, K: int, generator, callback, init):
-        """The MaskGIT loop of `sample` in K steps (no self-correction)."""
+    def _decode(self, model, process, z, lengths, cfg_scale, K: int, generator, callback, init, widths=None):
+        """The MaskGIT loop of `sample` in K steps (no self-correction); widths (B,), optional: each row's own
+        width (row_widths), else every row is L wide."""
         s = self.cfg.sampling
         mask_id = process.mask_id
         pad_id = getattr(process, "pad_id", PAD_ID)
@@ -468,6 +495,8 @@ class MaskGITSampler(Sampler):
             L = slot_width(lengths, self.cfg)
             valid = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (B, L) positions to decode
             x = torch.full((B, L), pad_id, dtype=torch.long, device=device).masked_fill(valid, mask_id)
+        if widths is not None:
+            widths = widths.to(device=device, dtype=torch.long)
         commit_conf = torch.full((B, L), math.inf, dtype=torch.float64, device=device)  # log p at commit time
         # self-conditioning: each pass's output features of the last step, (passes, B, L, D), handed back as sc
         self_cond = bool(getattr(model, "self_condition", False))
@@ -510,9 +539,9 @@ class MaskGITSampler(Sampler):
         for k in range(1, K + 1):
             mask = x == mask_id  # (B, L)
             masked_now = mask.sum(dim=1)  # (B,)
-            # fraction of x's L positions that are masked, as the process measures it in training (the PAD
-            # tail counts as visible positions)
-            mask_ratio = masked_now.float() / L  # (B,)
+            # fraction of the row's positions (L, or its own width) that are masked, as the process measures it
+            # in training (the PAD tail counts as visible positions)
+            mask_ratio = masked_now.float() / (L if widths is None else widths.float())  # (B,)
             target = masked_count(n, k, K)  # (B,) masked after this step
             remask_n = torch.zeros_like(n)
             if s.remask > 0 and k < K:
@@ -531,7 +560,7 @@ class MaskGITSampler(Sampler):
             rows = slice(None) if bool(active.all()) else active.nonzero()[:, 0]  # a slice indexes without copying
             mask = mask & active[:, None]
             x_in, mask_in = x[rows], mask[rows]
-            extra = {}
+            extra = {} if widths is None else {"widths": widths[rows]}
             if cand is not None:
                 extra["shortlist"] = (shared, own[rows]) if prepared is None else prepared.rows(rows)
             if self_cond:
