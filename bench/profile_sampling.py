@@ -145,7 +145,8 @@ def compare(args, run, bleu, cfg_a, sampler_a, cfg_b, sampler_b) -> int:
     mid = len(ratios) // 2
     median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
     n = args.batch * args.batches
-    for name, label in (("A", " ".join(args.set or []) or "checkpoint settings"), ("B", "A + " + " ".join(args.against))):
+    labels = (("A", " ".join(args.set or []) or "checkpoint settings"), ("B", "A + " + " ".join(args.against)))
+    for name, label in labels:
         digest = hashlib.sha1(repr(outputs[name]).encode()).hexdigest()[:12]
         print(f"{name}: {n / sum(seconds[name]):.1f} sentences/s ({label}); outputs {digest}, BLEU "
               f"{bleu(outputs[name]):.2f}")

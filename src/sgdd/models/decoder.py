@@ -453,7 +453,8 @@ class Decoder(nn.Module):
         Row widths (`widths` (B,) long in 1..L, decoding): row b is the sequence of its first widths[b] positions,
         as if it were alone in a batch of that length: no position attends to keys beyond its row's width (their
         outputs are not meaningful; select none of them). None: every row is L long."""
-        if kv is None and widths is not None and self.supports_kv and sc is None and not return_features:
+        if (kv is None and widths is not None and self.supports_kv and sc is None and not return_features
+                and columns is None):
             kv = KVState()  # a packed full pass: only the positions inside the widths run; its cache is dropped
         if kv is not None:
             if sc is not None or return_features or columns is not None:

@@ -171,9 +171,9 @@ class Attention(nn.Module):
 
         x (M, D) holds the M positions `at` (PackedPositions) of B length-L sequences whose keys / values at all
         positions are kv (B, H, L, hd): those at `at` are replaced by x's (in new tensors; in kv itself with
-        `inplace`, when kv has the compute dtype), the queries are x's. Returns (out (M, D), the updated (keys, values)). The projections run on the M packed
-        positions, the attention on each row's up-to-r queries (padded) against its L keys (those of key_mask
-        (B, L) bool only, when given)."""
+        `inplace`, when kv has the compute dtype), the queries are x's. Returns (out (M, D), the updated (keys,
+        values)). The projections run on the M packed positions, the attention on each row's up-to-r queries
+        (padded) against its L keys (those of key_mask (B, L) bool only, when given)."""
         M, D = x.shape
         H, hd = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).view(M, 3, H, hd).unbind(1)  # each (M, H, hd)
@@ -219,7 +219,9 @@ class ModulatedBlock(nn.Module):
     """A transformer block conditioned on c (B, Dc); subclasses define `_run(x, mods, attn)`, the block around an
     attention function, with `mods` the six modulation vectors (..., 6 D) broadcastable against x."""
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # x (B, L, D); c (B, Dc); key_mask (B, L) bool, optional (Attention.forward)
         return self._run(x, self.adaLN_modulation(c).unsqueeze(1), lambda h: self.attn(h, rope, key_mask))
 
