@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def main() -> int:
     def bleu(outputs: list[list[str]]) -> float:
         return corpus_bleu([text for batch in outputs for text in batch], refs)
 
-    def run(i: int, cfg=cfg, sampler=sampler) -> list[str]:
+    def run(i: int, cfg=cfg, sampler=sampler, lengths=lengths) -> list[str]:
         gen = torch.Generator().manual_seed(i)
         rows = slice(i * args.batch, (i + 1) * args.batch)
         zb, lb = z[rows], lengths[rows]
@@ -99,7 +100,10 @@ def main() -> int:
     if args.against:
         cfg_b = config_from_dict(apply_overrides(config_to_dict(cfg), args.against), "--against")
         validate_config(cfg_b, "profile_sampling --against")
-        return compare(args, run, bleu, cfg, sampler, cfg_b, build_sampler(cfg_b, model.vocab.counts))
+        with torch.no_grad():  # B's own lengths, in case --against changes the length settings
+            lengths_b = choose_lengths(net, z, cfg_b)
+        settings = {"A": (cfg, sampler, lengths), "B": (cfg_b, build_sampler(cfg_b, model.vocab.counts), lengths_b)}
+        return compare(args, run, bleu, settings)
 
     run(args.batches)  # warm-up, on the batch after the timed ones
     if args.torch_profile:
@@ -115,10 +119,9 @@ def main() -> int:
             outputs.append(run(i))
         seconds = time.perf_counter() - t0
     n = args.batch * args.batches
-    digest = hashlib.sha1(repr(outputs).encode()).hexdigest()[:12]
     print(f"{n / seconds:.1f} sentences/s: {args.batches} batches of {args.batch}, {args.steps} steps, CFG "
           f"{args.cfg_scale}, split {args.split} ({seconds:.2f} s; {torch.get_num_threads()} threads; allocator "
-          f"{allocator_name()}); outputs {digest}, BLEU {bleu(outputs):.2f}")
+          f"{allocator_name()}); outputs {digest(outputs)}, BLEU {bleu(outputs):.2f}")
     if prof is not None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=40))
         print(prof.key_averages(group_by_input_shape=True).table(
@@ -126,29 +129,31 @@ def main() -> int:
     return 0
 
 
-def compare(args, run, bleu, cfg_a, sampler_a, cfg_b, sampler_b) -> int:
-    """Time every batch under settings A and B, alternating which goes first; print both rates, output hashes, BLEU
-    and the median per-batch time ratio B / A."""
+def digest(outputs: list[list[str]]) -> str:
+    """A short hash of decoded texts: equal hashes, identical text."""
+    return hashlib.sha1(repr(outputs).encode()).hexdigest()[:12]
+
+
+def compare(args, run, bleu, settings: dict) -> int:
+    """Time every batch under settings A and B ({name: (cfg, sampler, lengths)}), alternating which goes first;
+    print both rates, output hashes, BLEU and the median per-batch time ratio B / A."""
     import torch
 
-    run(args.batches, cfg_a, sampler_a)  # warm-up of both, on the batch after the timed ones
-    run(args.batches, cfg_b, sampler_b)
+    for name in ("A", "B"):  # warm-up of both, on the batch after the timed ones
+        run(args.batches, *settings[name])
     seconds = {"A": [], "B": []}
     outputs = {"A": [], "B": []}
-    settings = {"A": (cfg_a, sampler_a), "B": (cfg_b, sampler_b)}
     for i in range(args.batches):
         for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
             t0 = time.perf_counter()
             outputs[name].append(run(i, *settings[name]))
             seconds[name].append(time.perf_counter() - t0)
     ratios = sorted(b / a for a, b in zip(seconds["A"], seconds["B"], strict=True))
-    mid = len(ratios) // 2
-    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    median = statistics.median(ratios)
     n = args.batch * args.batches
     labels = (("A", " ".join(args.set or []) or "checkpoint settings"), ("B", "A + " + " ".join(args.against)))
     for name, label in labels:
-        digest = hashlib.sha1(repr(outputs[name]).encode()).hexdigest()[:12]
-        print(f"{name}: {n / sum(seconds[name]):.1f} sentences/s ({label}); outputs {digest}, BLEU "
+        print(f"{name}: {n / sum(seconds[name]):.1f} sentences/s ({label}); outputs {digest(outputs[name])}, BLEU "
               f"{bleu(outputs[name]):.2f}")
     print(f"time B / A: median {median:.3f} over {args.batches} batches (range {ratios[0]:.3f}-{ratios[-1]:.3f}), "
           f"i.e. B is {1 / median:.2f}x A's speed; {args.batches} batches of {args.batch}, {args.steps} steps, CFG "

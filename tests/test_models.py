@@ -528,8 +528,21 @@ def test_kv_passes_match_the_plain_forward(pretrained, bow, prefix, request):
         assert state.cache[0][0].shape == (3, H, prefix + Lx, dec.blocks[0].attn.head_dim)  # prefix entries first
         # with the cache of the same state, running only the masked positions (+ a repeat) gives the same logits
         positions = torch.tensor([[4, 5, 6, 4]] * 3)
+        before = [(k.clone(), v.clone()) for k, v in state.cache]
         part = dec(x, t, z, select=select, kv=KVState(state.cache, positions))
         assert torch.allclose(part, ref, atol=1e-5)
+        assert all(torch.equal(k, k0) for (k, _), (k0, _) in zip(state.cache, before, strict=True))  # untouched
+        # writable: the same logits, the entries written into the given tensors (no new ones)
+        mine = [(k.clone(), v.clone()) for k, v in before]
+        other_y = x.clone()
+        other_y[:, 4] = 7  # position 4 changed: its entries must be rewritten
+        own = KVState(mine, positions, writable=True)
+        copy = KVState([(k.clone(), v.clone()) for k, v in before], positions)
+        assert torch.allclose(dec(other_y, t, z, select=select, kv=own),
+                              dec(other_y, t, z, select=select, kv=copy), atol=1e-6)
+        for (k, v), (k_new, v_new), (k_copy, v_copy), (k0, _) in zip(mine, own.cache, copy.cache, before, strict=True):
+            assert k_new is k and v_new is v and torch.equal(k, k_copy) and torch.equal(v, v_copy)
+            assert not torch.equal(k, k0)
         # with a stale cache (another state) the logits differ: the cached entries are really used
         y = torch.randint(3, V, (3, Lx), generator=g)
         stale = KVState()

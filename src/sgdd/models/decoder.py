@@ -514,6 +514,7 @@ class Decoder(nn.Module):
         c, z = self._condition_rows(x_t, t, z, uncond)
         key_mask = self._key_mask(widths, x_t)
         at = at_cache = None  # a full pass runs every position (inside the widths); later ones kv.positions
+        kept = kv.cache  # each block's (keys, values) the packed positions attend to
         if kv.cache is None and key_mask is not None:
             # packed full pass: the prefix and each row's positions inside its width, against zero entries
             row, slot = key_mask.nonzero(as_tuple=True)  # (M,) row-major, slot = cache position
@@ -521,7 +522,7 @@ class Decoder(nn.Module):
             h = self._prepend_prefix(self.tok_emb(x_t) + self.pos_emb[:L], z)[row, slot]  # (M, D)
             H, hd = self.blocks[0].attn.num_heads, self.blocks[0].attn.head_dim
             zero = torch.zeros(B, H, P + L, hd, dtype=compute_dtype(self.tok_emb.weight), device=x_t.device)
-            kv.cache = [(zero, zero)] * len(self.blocks)  # never written: forward_packed builds new tensors
+            kept = [(zero, zero)] * len(self.blocks)  # never written: not in place, forward_packed builds new ones
         elif kv.cache is None:
             h = self._prepend_prefix(self.tok_emb(x_t) + self.pos_emb[:L], z)
         else:
@@ -535,7 +536,7 @@ class Decoder(nn.Module):
             at_cache = at if P == 0 else PackedPositions(at.row, at.pos + P, at.slot, at.width)
         cache = []
         for i, block in enumerate(self.blocks):
-            h, pair = block.forward_kv(h, c, None if at_cache is None else kv.cache[i], at_cache, key_mask,
+            h, pair = block.forward_kv(h, c, None if at_cache is None else kept[i], at_cache, key_mask,
                                        inplace=kv.writable and at is not None)
             cache.append(pair)
         kv.cache = cache
