@@ -728,6 +728,39 @@ def _count_null_calls(dec):
     return calls
 
 
+@pytest.mark.parametrize("extra", [{"guidance_refresh": 3}, {"guidance_refresh": 3, "kv_refresh": 3}, {}])
+def test_first_null_pass_runs_once_per_length(extra):
+    """The null pass of the first step sees the same all-[MASK] rows for every row of one length (and width):
+    the decoder runs one of them per length (Decoder.share_null_rows), and the decoded ids are those of running
+    every row."""
+    from sgdd.diffusion import build_process
+
+    dec = _perturbed_decoder()
+    process = build_process(make_cfg())
+    lengths = torch.tensor([9, 6, 9, 3, 6, 9])
+    z = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
+    cfg = make_cfg(steps=6, pad_tail=3, **extra)
+    ran = []
+    dispatch = dec._dispatch_hidden
+
+    def counting(x_t, t, z, uncond, *args):
+        ran.append((x_t.shape[0], None if uncond is None else int(uncond.sum())))
+        return dispatch(x_t, t, z, uncond, *args)
+
+    dec._dispatch_hidden = counting
+    out = {}
+    for share in (True, False):
+        dec.share_null_rows = share
+        ran.clear()
+        out[share] = MaskGITSampler(cfg).sample(dec, process, z, lengths, 1.5)
+        first = ran[0]
+        if extra.get("guidance_refresh"):  # the conditional pass, then the null pass on its own
+            assert ran[1] == ((3, 3) if share else (6, 6)), ran[:2]
+        else:  # exact guidance: one call of conditional + null rows (2B), the null half shares
+            assert first == ((6 + 3, 3) if share else (12, 6)), first
+    assert torch.equal(out[True], out[False])
+
+
 def test_guidance_refresh_1_decodes_exactly_as_guidance_at_every_step():
     from sgdd.diffusion import build_process
 

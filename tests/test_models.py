@@ -613,6 +613,65 @@ def test_row_widths_decode_each_row_as_if_alone(pretrained, bow, prefix, positio
             dec(x, t, z, select=select, widths=torch.tensor([Lx + 1, 4, 7]))
 
 
+@pytest.mark.parametrize("bow,prefix", [(False, 0), (True, 2)])
+def test_identical_null_rows_run_once(bow, prefix):
+    """Decoding: unconditional rows with the same ids, time and width run once (Decoder.share_null_rows), with
+    the logits of running every row, also at per-row shortlist columns and beside conditional rows; conditional
+    rows and training (grad) never share."""
+    dec = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix), V, L).eval()
+    perturb_modulation(dec)
+    ran = []
+    dispatch = dec._dispatch_hidden
+
+    def counting(x_t, *args):
+        ran.append(x_t.shape[0])
+        return dispatch(x_t, *args)
+
+    dec._dispatch_hidden = counting
+    g = torch.Generator().manual_seed(3)
+    x = torch.full((6, L), 1)  # all MASK; row 4 another width, row 5 other ids, rows 0, 2, 3 alike, row 1 another time
+    x[5, :2] = torch.tensor([7, 9])
+    t = torch.tensor([0.9, 0.5, 0.9, 0.9, 0.9, 0.9])
+    widths = torch.tensor([8, 8, 8, 8, 6, 8])
+    z = torch.randn(6, DZ, generator=g)
+    select = (x == 1) & (torch.arange(L)[None, :] < widths[:, None])
+    shortlist = (torch.tensor([0, 2, 3, 4]), torch.randint(5, V, (6, 3), generator=g))  # own ids differ by row
+
+    def both(**kw):
+        out = {}
+        for share in (True, False):
+            dec.share_null_rows = share
+            ran.clear()
+            with torch.no_grad():
+                out[share] = (dec(x, t, z, select=select, **kw), list(ran))
+        dec.share_null_rows = True
+        return out
+
+    null = torch.ones(6, dtype=torch.bool)
+    for kw in ({"uncond": null}, {"uncond": null, "widths": widths}, {"uncond": null, "shortlist": shortlist},
+               {"uncond": null, "widths": widths, "shortlist": shortlist}):
+        out = both(**kw)
+        assert torch.allclose(out[True][0], out[False][0], atol=1e-5), kw
+        groups = 4 if "widths" in kw else 3  # (0, 2, 3 [, 4]), 1, 5
+        assert out[True][1] == [groups] and out[False][1] == [6], kw
+    # conditional rows keep their own run (their z differ), the null rows beside them share
+    mixed = torch.tensor([False, True, False, True, True, False])
+    out = both(uncond=mixed)
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
+    assert out[True][1] == [5]  # rows 0, 2, 5 (conditional), 1 (t 0.5), 3 and 4 (one null group)
+    # guidance's wrapper: its null half shares
+    from sgdd.sampling.guidance import guided
+
+    ran.clear()
+    with torch.no_grad():
+        guided(dec, 1.5)(x, t, z, select=select)
+    assert ran == [6 + 3]
+    # training: every row runs
+    ran.clear()
+    dec(x, t, z, uncond=null, select=select)
+    assert ran == [6]
+
+
 def test_kv_is_refused_where_the_cache_would_be_wrong():
     from sgdd.models.decoder import KVState
 

@@ -475,9 +475,12 @@ class ScoreEntropyProcess(SampledSoftmax, Process):
         z: torch.Tensor,
         uncond: torch.Tensor | None = None,
         select: torch.Tensor | None = None,
+        widths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Model -> log-scores float32: (B, L, V), or (N, V) at the selected positions. t (B,) in [0, 1]."""
-        raw = model(x_t, self.model_time(t), z, uncond, select)
+        """Model -> log-scores float32: (B, L, V), or (N, V) at the selected positions. t (B,) in [0, 1].
+        widths (B,), optional, passes through to the model (each row's own width, Decoder.forward)."""
+        extra = {} if widths is None else {"widths": widths}
+        raw = model(x_t, self.model_time(t), z, uncond, select, **extra)
         V = raw.shape[-1]
         sigma = self.noise.total(t.float())[:, None].expand(x_t.shape)  # (B, L)
         if select is not None:

@@ -452,16 +452,21 @@ class Decoder(nn.Module):
 
         Row widths (`widths` (B,) long in 1..L, decoding): row b is the sequence of its first widths[b] positions,
         as if it were alone in a batch of that length: no position attends to keys beyond its row's width (their
-        outputs are not meaningful; select none of them). None: every row is L long."""
-        if (kv is None and widths is not None and self.supports_kv and sc is None and not return_features
-                and columns is None):
-            kv = KVState()  # a packed full pass: only the positions inside the widths run; its cache is dropped
-        if kv is not None:
-            if sc is not None or return_features or columns is not None:
-                raise ValueError("kv (decoding with reused keys / values) excludes sc, return_features and columns")
-            h, c, z_eff = self._hidden_kv(x_t, t, z, uncond, kv, widths)
-        else:
-            h, c, z_eff = self._hidden(x_t, t, z, uncond, sc, widths)
+        outputs are not meaningful; select none of them). None: every row is L long.
+
+        Shared null rows (decoding, `share_null_rows`): without kv, unconditional rows with the same ids, time and
+        width run once and their outputs are copied (guidance's null pass at the first step: one run per length)."""
+        groups = None
+        if kv is None and sc is None and not return_features and columns is None and self.share_null_rows:
+            groups = self._null_groups(x_t, t, uncond, widths)
+        if groups is None:
+            h, c, z_eff = self._dispatch_hidden(x_t, t, z, uncond, sc, return_features, columns, kv, widths)
+        else:  # identical unconditional rows run once, their outputs are copied to the others
+            first, inverse = groups
+            t_rows = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+            h, c, z_eff = self._dispatch_hidden(x_t[first], t_rows[first], z[first], uncond[first], None, False,
+                                                None, None, None if widths is None else widths[first])
+            h, c, z_eff = h[inverse], c[inverse], z_eff[inverse]
         embedding = self.tok_emb.weight if self.tie_embeddings else None
         feats = None
         if shortlist is not None:
@@ -495,6 +500,44 @@ class Decoder(nn.Module):
         return logits if feats is None else (logits, feats)
 
     supports_widths = True  # forward takes each row's own width (widths=...)
+    # decoding (no grad) runs unconditional rows with the same ids, time and width once (the null pass of
+    # guidance at the first MaskGIT step: every row of one length is all [MASK]); False runs every row
+    share_null_rows = True
+
+    def _dispatch_hidden(self, x_t, t, z, uncond, sc, return_features, columns, kv, widths):
+        """(h (B, L, D), c (B, D), z' (B, Dz)) for forward: the packed / key-value path or the plain one."""
+        if (kv is None and widths is not None and self.supports_kv and sc is None and not return_features
+                and columns is None):
+            kv = KVState()  # a packed full pass: only the positions inside the widths run; its cache is dropped
+        if kv is not None:
+            if sc is not None or return_features or columns is not None:
+                raise ValueError("kv (decoding with reused keys / values) excludes sc, return_features and columns")
+            return self._hidden_kv(x_t, t, z, uncond, kv, widths)
+        return self._hidden(x_t, t, z, uncond, sc, widths)
+
+    def _null_groups(self, x_t, t, uncond, widths) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decoding only: (first (U,), inverse (B,)) when some unconditional rows (uncond) share their ids, time
+        and width: run rows `first`, row b's outputs are row inverse[b]'s. None when there is nothing to share
+        (training, no unconditional rows, all rows distinct)."""
+        B = x_t.shape[0]
+        if uncond is None or B < 2 or torch.is_grad_enabled() or int(uncond.sum()) < 2:
+            return None
+        device = x_t.device
+        t_bits = torch.as_tensor(t, dtype=torch.float32, device=device).expand(B).contiguous().view(torch.int32)
+        w = torch.full((B,), x_t.shape[1], dtype=torch.long, device=device) if widths is None else widths.long()
+        # conditional rows never share (their z differ): each gets its own key column value
+        own = torch.where(uncond, -1, torch.arange(B, device=device))
+        key = torch.cat([x_t.long(), w[:, None], t_bits.long()[:, None], own[:, None]], dim=1)  # (B, L + 3)
+        _, inverse = torch.unique(key, dim=0, return_inverse=True)
+        U = int(inverse.max()) + 1
+        if U == B:
+            return None
+        first = torch.full((U,), B, dtype=torch.long, device=device)
+        first.scatter_reduce_(0, inverse, torch.arange(B, device=device), reduce="amin")  # each group's first row
+        order = torch.argsort(first)  # run the groups in row order
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(U, device=device)
+        return first[order], rank[inverse]
 
     @property
     def supports_kv(self) -> bool:

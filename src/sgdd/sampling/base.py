@@ -99,6 +99,16 @@ class Sampler:
             self._exempt = self._exempt.to(device)  # one copy per device, not one per step
         return self._exempt
 
+    def row_widths(self, model, lengths: torch.Tensor) -> torch.Tensor | None:
+        """(B,) long: each row's own width, its slots + sampling.pad_tail capped at data.max_length (never below
+        its slots), when sampling.row_widths is on, the model takes widths (Decoder.supports_widths) and some row
+        is narrower than the batch (slot_width); else None (every row as wide as the batch)."""
+        if not self.cfg.sampling.row_widths or not getattr(model, "supports_widths", False):
+            return None
+        lengths = lengths.long()
+        own = torch.maximum(lengths, (lengths + pad_tail(self.cfg)).clamp(max=self.cfg.data.max_length))
+        return None if bool((own == slot_width(lengths, self.cfg)).all()) else own
+
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None):
         raise NotImplementedError
 

@@ -26,6 +26,9 @@ Repetition penalty (sampling.repeat_penalty, absorbing graph): as in MaskGIT, th
 visible in the row are lowered per visible copy (PAD, EOS and the sampling.repeat_exempt most frequent ids aside)
 before they are normalised into scores; the unmasking rate is unchanged, the choice of token is not.
 
+Row widths (sampling.row_widths, as in MaskGIT): each row is decoded at its own width, its slots +
+sampling.pad_tail, as if alone in its batch (Decoder.forward's widths); off, every row is L wide.
+
 Euler step (t -> t - dt): q_y = dt sigma(t) Q[y, x] s_y for y != x, q_x = 1 - sum_{y != x} q_y (clamped >= 0).
 """
 
@@ -112,10 +115,10 @@ class ScoreSampler(Sampler):
             return x == graph.absorbing_id
         return valid
 
-    def _log_scores(self, model, process, x, sel, t, z) -> torch.Tensor:
+    def _log_scores(self, model, process, x, sel, t, z, widths=None) -> torch.Tensor:
         B = x.shape[0]
         t_vec = torch.full((B,), float(t), device=x.device)
-        return process.log_scores(model, x, t_vec, z, select=sel)  # (N, V) float32
+        return process.log_scores(model, x, t_vec, z, select=sel, widths=widths)  # (N, V) float32
 
     def _penalized(self, step_model, graph: Graph, pad_id: int, device):
         """The guided model with sampling.repeat_penalty applied to its output: at each selected (masked) position
@@ -132,8 +135,8 @@ class ScoreSampler(Sampler):
         s = self.cfg.sampling
         exempt = self.exempt(graph.V, pad_id, device)
 
-        def penalized(x_t, t, z, uncond, select):  # the loop always selects the masked positions: (N, V)
-            raw = step_model(x_t, t, z, uncond, select)
+        def penalized(x_t, t, z, uncond, select, **kw):  # the loop always selects the masked positions: (N, V)
+            raw = step_model(x_t, t, z, uncond, select, **kw)
             return penalize_repeats(raw, x_t, select, exempt, s.repeat_penalty, graph.absorbing_id)
 
         return penalized
@@ -156,6 +159,7 @@ class ScoreSampler(Sampler):
         L = slot_width(lengths, self.cfg)
         pad_id = getattr(process, "pad_id", PAD_ID)
         valid = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (B, L)
+        widths = self.row_widths(model, lengths)  # (B,) each row's own width, or None
 
         probe = torch.full((B, L), pad_id, dtype=torch.long, device=device)
         graph = process.graph(process.resolve_vocab_size(model, probe, z))
@@ -172,7 +176,7 @@ class ScoreSampler(Sampler):
             sel = self._movable(graph, x, valid)
             if bool(sel.any()):
                 x_rows = x[sel]  # (N,)
-                log_score = self._log_scores(step_model, process, x, sel, ts[k - 1], z)  # (N, V)
+                log_score = self._log_scores(step_model, process, x, sel, ts[k - 1], z, widths)  # (N, V)
                 new = torch.empty_like(x_rows)
                 chunk = max(
                     1, ROW_CHUNK_ELEMENTS // log_score.shape[-1]

@@ -93,7 +93,7 @@ import torch
 from sgdd.data import frequency_order
 from sgdd.models.decoder import KVState
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS, Sampler, pad_tail, penalize_repeats, slot_width
+from sgdd.sampling.base import SAMPLERS, Sampler, penalize_repeats, slot_width
 from sgdd.sampling.guidance import guidance_passes, guided, row_slices
 
 PAD_ID = 0  # decoder vocabulary contract (sgdd.data.Vocab.PAD); a process may override with .pad_id
@@ -429,16 +429,6 @@ class MaskGITSampler(Sampler):
             x = self.correct(model, process, z, x, decoded, cfg_scale, s.correct, s.correct_frac, generator,
                              widths)
         return x
-
-    def row_widths(self, model, lengths: torch.Tensor) -> torch.Tensor | None:
-        """(B,) long: each row's own width, its slots + sampling.pad_tail capped at data.max_length (never below
-        its slots), when sampling.row_widths is on, the model takes widths (Decoder.supports_widths) and some row
-        is narrower than the batch (slot_width); else None (every row as wide as the batch)."""
-        if not self.cfg.sampling.row_widths or not getattr(model, "supports_widths", False):
-            return None
-        lengths = lengths.long()
-        own = torch.maximum(lengths, (lengths + pad_tail(self.cfg)).clamp(max=self.cfg.data.max_length))
-        return None if bool((own == slot_width(lengths, self.cfg)).all()) else own
 
     @torch.no_grad()
     def correct(self, model, process, z, x, decoded, cfg_scale, rounds: int, frac: float, generator=None,
