@@ -347,14 +347,16 @@ def test_row_widths_give_each_row_its_own_width(sampler, scale):
     cfg.sampling.pad_tail = 3
     proc = ScoreEntropyProcess(cfg, vocab_size=V)
     lengths = torch.tensor([6, 2, 4])
-    x = build_sampler(cfg).sample(dec, proc, torch.randn(3, 4), lengths, scale, torch.Generator().manual_seed(0))
+    z0 = torch.randn(3, 4)
+    x = build_sampler(cfg).sample(dec, proc, z0, lengths, scale, torch.Generator().manual_seed(0))
     assert x.shape == (3, 9) and (x != MASK_ID).all()
     assert (x[torch.arange(9)[None, :] >= lengths[:, None]] == PAD_ID).all()
     steps = [c for c in calls if c[4] is not None]  # the sampling steps (the vocabulary probe selects nothing)
     assert steps
     for x_t, t, z, uncond, select, widths, out in steps:
-        rows = x_t.shape[0]  # 2B with guidance: the null rows repeat the widths
-        assert torch.equal(widths, torch.tensor([9, 5, 7] * (rows // 3)))
+        rows = x_t.shape[0]  # the rows with an unmasking position; twice with guidance (the null rows repeat them)
+        which = torch.cdist(z, z0).argmin(dim=1)  # each row's index in the batch, by its latent
+        assert torch.equal(widths, torch.tensor([9, 5, 7])[which])
         with torch.no_grad():
             alone = torch.cat([forward(x_t[b : b + 1, : widths[b]], t[b : b + 1], z[b : b + 1],
                                        None if uncond is None else uncond[b : b + 1], select[b : b + 1, : widths[b]])
@@ -365,6 +367,40 @@ def test_row_widths_give_each_row_its_own_width(sampler, scale):
     cfg.sampling.row_widths = False
     build_sampler(cfg).sample(dec, proc, torch.randn(3, 4), lengths, scale, torch.Generator().manual_seed(0))
     assert calls and all(c[5] is None for c in calls)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("noise", ["loglinear", "geometric"])
+def test_absorbing_loop_draws_what_the_transition_probabilities_say(sampler, noise):
+    """On the absorbing graph the loop draws 'unmask with move_prob, then a token from p(x0 | x_t)' instead of
+    building each masked position's (V,) transition probabilities (step_probs): the two agree on the move
+    probability and the destination distribution at every step of the grid."""
+    V, N = 11, 5
+    cfg = make_cfg("absorbing", noise, sampler, steps=8)
+    proc = ScoreEntropyProcess(cfg, vocab_size=V)
+    graph = proc.graph(V)
+    smp = build_sampler(cfg)
+    raw = torch.randn(N, V, generator=torch.Generator().manual_seed(0)) * 2
+    x = torch.full((N,), MASK_ID)
+    ts = torch.linspace(1.0, max(proc.eps, 1.0e-5), 8, dtype=torch.float64).tolist()
+    p_token = torch.softmax(raw.masked_fill(torch.arange(V) == MASK_ID, float("-inf")), dim=-1).double()
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        sigma = proc.noise.total(torch.full((N,), t))
+        probs = smp.step_probs(proc, graph, x, graph.log_score(raw, sigma, x), t, t_next).double()
+        total = probs.sum(dim=-1)
+        p_move = 1.0 - probs[:, MASK_ID] / total
+        assert torch.allclose(p_move, torch.full((N,), smp.move_prob(proc, t, t_next), dtype=torch.float64),
+                              rtol=1e-4, atol=1e-6), t
+        dest = probs.clone()
+        dest[:, MASK_ID] = 0.0
+        if bool((p_move > 1e-6).all()):
+            assert torch.allclose(dest / dest.sum(dim=-1, keepdim=True), p_token, atol=1e-5), t
+    # steps where no position unmasks do not call the model (geometric noise: nothing unmasks at first)
+    model = RandomModel(V, 8)
+    out = smp.sample(model, proc, torch.randn(2, 4), torch.tensor([4, 3]), 1.0, torch.Generator().manual_seed(0))
+    assert (out != MASK_ID).all() and 1 <= model.calls <= 8
+    if noise == "geometric":
+        assert model.calls < 8
 
 
 class OneWord(torch.nn.Module):

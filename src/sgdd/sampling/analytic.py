@@ -25,6 +25,11 @@ class AnalyticSampler(ScoreSampler):
 
     name = "analytic"
 
+    def move_prob(self, process, t, t_next):
+        # q_y = s_y (e^dsigma - 1) for the tokens, summed: (e^dsigma - 1) / (e^sigma_bar(t) - 1)
+        sig = process.noise.total(torch.tensor([float(t), float(t_next)], dtype=torch.float64))
+        return min(1.0, max(0.0, float(torch.expm1(sig[0] - sig[1]) / torch.expm1(sig[0]))))
+
     def step_probs(self, process, graph, x, log_score, t, t_next):
         ts = torch.tensor([float(t), float(t_next)], dtype=torch.float64)
         sig = process.noise.total(ts)

@@ -22,6 +22,11 @@ with probability 1 - q[x] / sum q, and the destination is the argmax (greedy) or
 y != x; the final step takes argmax q (greedy) or a draw from q^(1/T). top_k / top_p are MaskGIT options and
 are not used here. callback(k, x) sees the state after every step k = 1..K.
 
+Absorbing graph: there q is "unmask with a probability set by the noise schedule alone (move_prob), into a token
+drawn from p(x0 | x_t)", so the loop draws exactly that: which masked positions unmask first, then runs the model
+only for the rows that have one and scores only those positions (no (V,) probabilities per masked position, and no
+model call in a step where nothing unmasks). Same distribution and sampling rules; a different random stream.
+
 Repetition penalty (sampling.repeat_penalty, absorbing graph): as in MaskGIT, the guided logits of ids already
 visible in the row are lowered per visible copy (PAD, EOS and the sampling.repeat_exempt most frequent ids aside)
 before they are normalised into scores; the unmasking rate is unchanged, the choice of token is not.
@@ -109,6 +114,11 @@ class ScoreSampler(Sampler):
         """x (N,) current tokens, log_score (N, V) float32 at time t -> unnormalised q (N, V) at t_next."""
         raise NotImplementedError
 
+    def move_prob(self, process: ScoreEntropyProcess, t: float, t_next: float) -> float:
+        """Absorbing graph: the probability (in [0, 1]) that a masked position unmasks in the step t -> t_next, the
+        same for every position and independent of the model (its scores at MASK sum to 1 / (e^sigma_bar(t) - 1))."""
+        raise NotImplementedError
+
     def _movable(self, graph: Graph, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: positions whose token can still change (masked for absorbing, every valid one else)."""
         if graph.absorbing_id is not None:
@@ -171,6 +181,8 @@ class ScoreSampler(Sampler):
         x = torch.where(valid, x, pad_id)
         t_min = max(process.eps, 1.0e-5)  # the final step needs sigma_bar(t_min) > 0
         ts = torch.linspace(1.0, t_min, K, dtype=torch.float64).tolist()
+        if graph.absorbing_id is not None:
+            return self._sample_absorbing(step_model, process, graph, x, z, ts, widths, generator, callback)
 
         for k in range(1, K + 1):
             sel = self._movable(graph, x, valid)
@@ -194,6 +206,42 @@ class ScoreSampler(Sampler):
         return x
 
 
+    def _sample_absorbing(self, step_model, process, graph: Graph, x, z, ts, widths, generator, callback):
+        """The loop of `sample` on the absorbing graph, drawn as what it is there: at step k < K each masked
+        position unmasks with probability move_prob (from the noise schedule alone), and the final step unmasks
+        all; an unmasking position takes a token from the guided p(x0 | x_t) (MASK excluded, repetition penalty
+        applied): its argmax (greedy) or a draw from p^(1/T). The same distribution as building every masked
+        position's (V,) transition probabilities, but the model runs only for rows with an unmasking position
+        and scores only those positions, and the steps where nothing unmasks skip it."""
+        s = self.cfg.sampling
+        mask_id, K = graph.absorbing_id, len(ts)
+        for k in range(1, K + 1):
+            masked = x == mask_id
+            if k < K:
+                p = self.move_prob(process, ts[k - 1], ts[k])
+                u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+                move = masked & (u < p)
+            else:
+                move = masked
+            active = move.any(dim=1)  # (B,) rows with an unmasking position
+            if bool(active.any()):
+                rows = slice(None) if bool(active.all()) else active.nonzero()[:, 0]
+                x_in, move_in = x[rows], move[rows]
+                t_vec = torch.full((x_in.shape[0],), float(ts[k - 1]), device=x.device)
+                extra = {} if widths is None else {"widths": widths[rows]}
+                raw = step_model(x_in, process.model_time(t_vec), z[rows], None, move_in, **extra)  # (M, V)
+                logits = raw.float()
+                logits[:, mask_id] = float("-inf")
+                if s.greedy:
+                    new = logits.argmax(dim=-1)
+                else:
+                    new = gumbel_argmax(torch.log_softmax(logits, dim=-1) / s.temperature, generator)
+                x = x.masked_scatter(move, new)  # row-major order = the select order
+            if callback is not None:
+                callback(k, x)
+        return x
+
+
 def final_probs(
     process: ScoreEntropyProcess, graph: Graph, x: torch.Tensor, log_score: torch.Tensor, t: float
 ):
@@ -210,6 +258,13 @@ class EulerSampler(ScoreSampler):
     """First-order (Euler / tau-leaping on the reverse rates) sampler; see the module docstring."""
 
     name = "euler"
+
+    def move_prob(self, process, t, t_next):
+        # q_y = dt sigma(t) s_y, summed over the tokens: dt sigma(t) / (e^sigma_bar(t) - 1); at most 1 (the stay
+        # entry q_MASK = 1 - that is clamped at 0)
+        tt = torch.tensor(float(t), dtype=torch.float64)
+        p = (float(t) - float(t_next)) * process.noise.rate(tt) / torch.expm1(process.noise.total(tt))
+        return min(1.0, float(p))
 
     def step_probs(self, process, graph, x, log_score, t, t_next):
         dt = float(t) - float(t_next)
