@@ -1,6 +1,7 @@
 """Reverse-time samplers for the score-entropy (SEDD) process: the shared loop and the Euler step.
 
-The loop (ScoreSampler) runs K = sampling.steps model evaluations on the time grid
+The loop (ScoreSampler) runs K = sampling.steps steps (a model evaluation each; fewer on the absorbing graph, below)
+on the time grid
 t_0 = 1 > t_1 > ... > t_{K-1} = eps (linear in t; the model is fed t, see sgdd.diffusion.score_entropy):
 
   start   x ~ the graph's limit (all MASK for absorbing, uniform over the states for uniform) on the first
@@ -204,7 +205,6 @@ class ScoreSampler(Sampler):
             if callback is not None:
                 callback(k, x)
         return x
-
 
     def _sample_absorbing(self, step_model, process, graph: Graph, x, z, ts, widths, generator, callback):
         """The loop of `sample` on the absorbing graph, drawn as what it is there: at step k < K each masked
