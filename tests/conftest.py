@@ -119,3 +119,20 @@ def tiny_checkpoint(tmp_path_factory, real_sentences) -> Path:
                                                                                "training.save_every": 10}))
     result = train(cfg)
     return result.run_dir / "latest"
+
+
+def perturbed_decoder(vocab_size: int, latent_dim: int, layers: int = 2, max_length: int = 16):
+    """A small scratch Decoder (eval mode) with every parameter moved by N(0, 0.3) noise (seed 0), so that the AdaLN
+    modulation and the output layer are non-zero as after training."""
+    import torch
+
+    from sgdd.config import ModelConfig
+    from sgdd.models import Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder(ModelConfig(init_from="scratch", num_layers=layers, hidden_size=32, num_heads=4,
+                              latent_dim=latent_dim), vocab_size, max_length)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return dec.eval()

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import perturbed_decoder
 
 from sgdd.config import Config
 from sgdd.registry import ConfigError
@@ -703,16 +704,7 @@ def test_kv_refresh_falls_back_with_a_warning_for_decoders_that_cannot_reuse(cap
 
 
 def _perturbed_decoder(layers=2):
-    from sgdd.config import ModelConfig
-    from sgdd.models import Decoder
-
-    torch.manual_seed(0)
-    dec = Decoder(ModelConfig(init_from="scratch", num_layers=layers, hidden_size=32, num_heads=4, latent_dim=2),
-                  V, 16)
-    with torch.no_grad():
-        for p in dec.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return dec.eval()
+    return perturbed_decoder(V, 2, layers)
 
 
 def _count_null_calls(dec):

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from conftest import perturbed_decoder
 
 from sgdd.config import Config, config_from_dict
 from sgdd.diffusion.base import Process
@@ -324,16 +325,8 @@ def test_pad_tail_adds_visible_pad_after_the_longest_slot(sampler, graph, noise)
 def test_row_widths_give_each_row_its_own_width(sampler, scale):
     """sampling.row_widths (as in MaskGIT): every model call of the score samplers runs each row at its own width
     (slots + pad_tail), and the log-scores it gets are those of the row run alone at that width."""
-    from sgdd.config import ModelConfig
-    from sgdd.models import Decoder
-
     V = 12
-    torch.manual_seed(0)
-    dec = Decoder(ModelConfig(init_from="scratch", num_layers=2, hidden_size=32, num_heads=4, latent_dim=4), V, 16)
-    with torch.no_grad():
-        for p in dec.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    dec.eval()
+    dec = perturbed_decoder(V, 4)
     calls = []
     forward = dec.forward
 
