@@ -221,9 +221,9 @@ class SamplingConfig:
     # held-out sentences: tail 0 BLEU 6.04 (length ratio 0.67); tail 16 8.50 and 7.71 on their two halves (0.96
     # on the first) (bench/RESULTS.md "Seventh round")
     pad_tail: int | None = None
-    # MaskGIT: each row is decoded at its own width (its slots + pad_tail, capped at data.max_length), as if it
-    # were alone in its batch: the decoder's attention ignores the positions beyond it, and with kv_refresh the
-    # full passes run only the positions inside the widths. false: every row is as wide as the batch's widest
+    # every sampler: each row is decoded at its own width (its slots + pad_tail, capped at data.max_length), as if
+    # it were alone in its batch: the decoder's attention ignores the positions beyond it, and (MaskGIT) with
+    # kv_refresh the full passes run only the positions inside the widths. false: every row is as wide as the batch's widest
     # (a row's output then depends on the other rows of its batch)
     row_widths: bool = True
     # MaskGIT: score only a shortlist of each row's vocabulary: the shortlist_frequent most frequent training ids

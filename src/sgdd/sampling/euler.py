@@ -120,12 +120,6 @@ class ScoreSampler(Sampler):
         same for every position and independent of the model (its scores at MASK sum to 1 / (e^sigma_bar(t) - 1))."""
         raise NotImplementedError
 
-    def _movable(self, graph: Graph, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool: positions whose token can still change (masked for absorbing, every valid one else)."""
-        if graph.absorbing_id is not None:
-            return x == graph.absorbing_id
-        return valid
-
     def _log_scores(self, model, process, x, sel, t, z, widths=None) -> torch.Tensor:
         B = x.shape[0]
         t_vec = torch.full((B,), float(t), device=x.device)
@@ -185,8 +179,9 @@ class ScoreSampler(Sampler):
         if graph.absorbing_id is not None:
             return self._sample_absorbing(step_model, process, graph, x, z, ts, widths, generator, callback)
 
+        # the graphs without an absorbing state (uniform): every slot can move at every step
+        sel = valid
         for k in range(1, K + 1):
-            sel = self._movable(graph, x, valid)
             if bool(sel.any()):
                 x_rows = x[sel]  # (N,)
                 log_score = self._log_scores(step_model, process, x, sel, ts[k - 1], z, widths)  # (N, V)
@@ -245,12 +240,10 @@ class ScoreSampler(Sampler):
 def final_probs(
     process: ScoreEntropyProcess, graph: Graph, x: torch.Tensor, log_score: torch.Tensor, t: float
 ):
-    """The denoising step t -> 0: Tweedie probabilities with dsigma = sigma_bar(t), MASK excluded. (N, V)."""
+    """The denoising step t -> 0: Tweedie probabilities with dsigma = sigma_bar(t) (N, V). For graphs without an
+    absorbing state (the absorbing graph's final step is _sample_absorbing's: every masked position unmasks)."""
     sigma = process.noise.total(torch.tensor(float(t), dtype=torch.float64)).float()
-    probs = graph.tweedie_probs(x, log_score, sigma.to(log_score.device).expand(x.shape))
-    if graph.absorbing_id is not None:
-        probs[..., graph.absorbing_id] = 0.0
-    return probs
+    return graph.tweedie_probs(x, log_score, sigma.to(log_score.device).expand(x.shape))
 
 
 @SAMPLERS.register("euler")
