@@ -439,3 +439,101 @@ def test_repeat_penalty_needs_the_absorbing_graph():
 
     with pytest.raises(ConfigError, match="repeat_penalty"):
         validate_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the absorbing loop: unmasking steps drawn up front, key / value and null-pass reuse; MaskGIT on SEDD weights
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("noise", ["loglinear", "geometric"])
+def test_unmask_steps_follow_the_per_step_move_probability(sampler, noise):
+    """unmask_steps draws each position's unmasking step before decoding: step k < K with probability
+    prod_{j<k} (1 - p_j) p_k (p = move_prob on the time grid), step K otherwise."""
+    K, n = 6, 200_000
+    cfg = make_cfg("absorbing", noise, sampler, steps=K)
+    proc = ScoreEntropyProcess(cfg, vocab_size=8)
+    smp = build_sampler(cfg)
+    ts = torch.linspace(1.0, max(proc.eps, 1.0e-5), K, dtype=torch.float64).tolist()
+    at = smp.unmask_steps(proc, ts, (n,), "cpu", torch.Generator().manual_seed(0))
+    assert int(at.min()) >= 1 and int(at.max()) <= K
+    left, expected = 1.0, []
+    for k in range(1, K):
+        p = smp.move_prob(proc, ts[k - 1], ts[k])
+        expected.append(left * p)
+        left *= 1.0 - p
+    expected.append(left)
+    freq = (torch.bincount(at, minlength=K + 1)[1:].double() / n).tolist()
+    for k, (f, e) in enumerate(zip(freq, expected, strict=True), start=1):
+        assert abs(f - e) <= 5 * (e * (1 - e) / n) ** 0.5 + 1e-12, (k, f, e)
+
+
+def _record_calls(dec):
+    """Wrap dec.forward to record per call (all rows unconditional?, positions run with reused keys / values or
+    None for a full pass or a call without reuse)."""
+    calls = []
+    forward = dec.forward
+
+    def recording(x_t, t, z, uncond=None, select=None, kv=None, **kw):
+        ran = None if kv is None or kv.cache is None else int(kv.positions.shape[1])
+        calls.append((bool(uncond is not None and uncond.all()), ran))
+        return forward(x_t, t, z, uncond=uncond, select=select, kv=kv, **kw)
+
+    dec.forward = recording
+    return calls
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_absorbing_reuse_is_exact_at_refresh_1_and_runs_less_otherwise(sampler):
+    """A real (tiny, perturbed) decoder on the absorbing graph with guidance: kv_refresh 1 and guidance_refresh 1
+    (a full pass and a null pass at every step) decode exactly as without reuse; at 3 the null pass runs at
+    steps 1 and 4 only and the steps between run fewer positions than the longest row, ending with no MASK."""
+    V = 12
+    dec = perturbed_decoder(V, 4)
+    lengths = torch.tensor([9, 6, 3])
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+
+    def run(**fields):
+        cfg = make_cfg("absorbing", "loglinear", sampler, steps=6)
+        cfg.sampling.pad_tail = 2
+        for name, value in fields.items():
+            setattr(cfg.sampling, name, value)
+        proc = ScoreEntropyProcess(cfg, vocab_size=V)
+        return build_sampler(cfg).sample(dec, proc, z, lengths, 1.5, torch.Generator().manual_seed(0))
+
+    exact = run()
+    for fields in ({"kv_refresh": 1}, {"guidance_refresh": 1}, {"kv_refresh": 1, "guidance_refresh": 1}):
+        assert torch.equal(run(**fields), exact), fields
+    calls = _record_calls(dec)
+    reused = run(kv_refresh=3, guidance_refresh=3)
+    assert sum(null for null, _ in calls) == 2  # the null pass at steps 1 and 4 only
+    partial = [ran for null, ran in calls if ran is not None]
+    assert partial and max(partial) < 9
+    assert (reused != MASK_ID).all()
+    assert (reused[torch.arange(11)[None].expand(3, -1) >= lengths[:, None]] == PAD_ID).all()
+
+
+@pytest.mark.parametrize("fields", [{}, {"kv_refresh": 3, "guidance_refresh": 2},
+                                    {"shortlist": 3, "shortlist_frequent": 4}])
+def test_maskgit_decodes_sedd_weights_with_row_widths_reuse_and_shortlist(fields):
+    """`--sampler maskgit` on an absorbing score-entropy model takes MaskGIT's options (row widths, key / value
+    and null-pass reuse, the shortlist): no MASK is left, PAD stays beyond the slots, and with row widths a
+    batch decodes each row as it decodes alone."""
+    from sgdd.sampling.maskgit import MaskGITSampler
+
+    V = 12
+    dec = perturbed_decoder(V, 4)
+    cfg = make_cfg("absorbing", "loglinear", "maskgit", steps=6)
+    cfg.sampling.pad_tail = 2
+    for name, value in fields.items():
+        setattr(cfg.sampling, name, value)
+    proc = ScoreEntropyProcess(cfg, vocab_size=V)
+    lengths = torch.tensor([9, 6, 3])
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    sampler = MaskGITSampler(cfg, token_counts=torch.arange(V, 0, -1))
+    out = sampler.sample(dec, proc, z, lengths, 1.5)
+    assert out.shape == (3, 11) and (out != MASK_ID).all()
+    assert (out[torch.arange(11)[None].expand(3, -1) >= lengths[:, None]] == PAD_ID).all()
+    for b in range(3):
+        alone = sampler.sample(dec, proc, z[b : b + 1], lengths[b : b + 1], 1.5)
+        assert torch.equal(out[b, : alone.shape[1]], alone[0]), b

@@ -231,15 +231,17 @@ class SamplingConfig:
     # (D x V) output product is most of a sampling step; 0 = off (the whole vocabulary)
     shortlist: int = 0
     shortlist_frequent: int = 2048
-    # MaskGIT: reuse keys / values across steps (approximate). 0 = off: every step runs every position. r > 0:
-    # steps 1, 1 + r, 1 + 2r, ... run every position; the others run only the masked positions and those whose
-    # token changed since they last ran, attending to the stored keys / values of the rest (PAD tail included).
+    # MaskGIT, and the SEDD samplers on the absorbing graph: reuse keys / values across steps (approximate). 0 =
+    # off: every step runs every position. r > 0: steps 1, 1 + r, 1 + 2r, ... run every position; the others run
+    # only the positions scored (MaskGIT: the masked ones; SEDD: those unmasking) and those whose token changed
+    # since they last ran, attending to the stored keys / values of the rest (PAD tail included).
     # Decoders with RoPE, self-conditioning or z_positions decode without reuse (a warning); prefix tokens are
     # run in the full passes and kept in between
     kv_refresh: int = 0
-    # MaskGIT with guidance: the null (unconditional) pass runs only at steps 1, 1 + g, 1 + 2g, ...; the other
-    # steps run the conditional pass alone and add each masked position's last guidance direction (conditional
-    # - null logits) (approximate). 0 = off: both passes at every step
+    # MaskGIT, and the SEDD samplers on the absorbing graph, with guidance: the null (unconditional) pass runs only
+    # at steps 1, 1 + g, 1 + 2g, ...; the other steps run the conditional pass alone and add each masked
+    # position's last guidance direction (conditional - null logits) (approximate; SEDD keeps it for the
+    # positions that unmask before the next null pass). 0 = off: both passes at every step
     guidance_refresh: int = 0
     # MaskGIT self-correction after the last step: `correct` rounds of "score each decoded token by the model's
     # probability of it given the whole decoded row (one full pass), re-mask the correct_frac lowest-scoring

@@ -558,11 +558,15 @@ class ScoreEntropyProcess(SampledSoftmax, Process):
             total += self._per_sequence(model, x0, z, None, t, gen)[0].float()
         return total * (1.0 - self.eps) / num_t / L
 
-    def clean_logits(self, model, x_t, mask_ratio, z, uncond=None, select=None):
+    def clean_logits(self, model, x_t, mask_ratio, z, uncond=None, select=None, shortlist=None, kv=None,
+                     widths=None):
         """Absorbing graph only: logits of p(x_0 | x_t) (MASK at -inf), float32, (B, L, V) or (N, V).
 
         The masked fraction 1 - e^-sigma_bar gives sigma_bar = -log(1 - mask_ratio), hence t for the model.
         At masked positions the log-scores are log p(x_0 | x_t) minus a constant, so these are the logits.
+        `shortlist`, `kv` and `widths` pass through to the model as in MaskedDiffusion.clean_logits (MaskGIT's
+        sampling.shortlist, kv_refresh and row_widths); with a shortlist the logits are (N, F + K) over its ids,
+        which never hold MASK.
         """
         if self.mask_id is None:
             raise ConfigError(
@@ -571,5 +575,8 @@ class ScoreEntropyProcess(SampledSoftmax, Process):
             )
         ratio = mask_ratio.float().clamp(0.0, 1.0 - 1e-6)
         t = self.noise.t_of_total(-torch.log1p(-ratio)).clamp(self.eps, 1.0)  # (B,)
-        raw = model(x_t, self.model_time(t), z, uncond, select).float()
+        kw = {name: v for name, v in (("shortlist", shortlist), ("kv", kv), ("widths", widths)) if v is not None}
+        raw = model(x_t, self.model_time(t), z, uncond, select, **kw).float()
+        if shortlist is not None:
+            return raw
         return raw.masked_fill(torch.arange(raw.shape[-1], device=raw.device) == self.mask_id, float("-inf"))

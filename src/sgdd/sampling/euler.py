@@ -24,9 +24,11 @@ y != x; the final step takes argmax q (greedy) or a draw from q^(1/T). top_k / t
 are not used here. callback(k, x) sees the state after every step k = 1..K.
 
 Absorbing graph: there q is "unmask with a probability set by the noise schedule alone (move_prob), into a token
-drawn from p(x0 | x_t)", so the loop draws exactly that: which masked positions unmask first, then runs the model
-only for the rows that have one and scores only those positions (no (V,) probabilities per masked position, and no
-model call in a step where nothing unmasks). Same distribution and sampling rules; a different random stream.
+drawn from p(x0 | x_t)", so the loop draws exactly that: the step at which each masked position unmasks, drawn
+before decoding (unmask_steps), then at each step the model only for the rows with an unmasking position, scored
+only there (no (V,) probabilities per masked position, and no model call in a step where nothing unmasks). Same
+distribution and sampling rules; a different random stream. There MaskGIT's key / value reuse
+(sampling.kv_refresh) and null-pass reuse (sampling.guidance_refresh) apply too (ScoreSampler._sample_absorbing).
 
 Repetition penalty (sampling.repeat_penalty, absorbing graph): as in MaskGIT, the guided logits of ids already
 visible in the row are lowered per visible copy (PAD, EOS and the sampling.repeat_exempt most frequent ids aside)
@@ -44,8 +46,9 @@ import torch
 
 from sgdd.diffusion.score_entropy import PAD_ID, Graph, ScoreEntropyProcess, one_hot
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS, Sampler, penalize_repeats, slot_width
+from sgdd.sampling.base import SAMPLERS, Sampler, log, penalize_repeats, slot_width
 from sgdd.sampling.guidance import guided
+from sgdd.sampling.maskgit import KVReuse, NullReuse, reuses_null_pass
 
 ROW_CHUNK_ELEMENTS = 1 << 23  # rows x V handled at once after the forward (the uniform graph moves every row)
 
@@ -125,27 +128,6 @@ class ScoreSampler(Sampler):
         t_vec = torch.full((B,), float(t), device=x.device)
         return process.log_scores(model, x, t_vec, z, select=sel, widths=widths)  # (N, V) float32
 
-    def _penalized(self, step_model, graph: Graph, pad_id: int, device):
-        """The guided model with sampling.repeat_penalty applied to its output: at each selected (masked) position
-        the logit of every id visible in the row drops by the penalty per visible copy (PAD, EOS and the
-        repeat_exempt most frequent ids aside), before the log-softmax that makes the scores. The absorbing
-        graph only: there the output is a distribution over clean tokens whose total (the unmasking rate) the
-        renormalisation keeps; the uniform graph's output is the log-score itself."""
-        if graph.absorbing_id is None:
-            raise ConfigError(
-                f"sampling.repeat_penalty works with the absorbing graph only (the {self.name} sampler on the uniform "
-                "graph has no distribution over clean tokens to penalise); set sampling.repeat_penalty: 0 "
-                "(--repeat-penalty 0)"
-            )
-        s = self.cfg.sampling
-        exempt = self.exempt(graph.V, pad_id, device)
-
-        def penalized(x_t, t, z, uncond, select, **kw):  # the loop always selects the masked positions: (N, V)
-            raw = step_model(x_t, t, z, uncond, select, **kw)
-            return penalize_repeats(raw, x_t, select, exempt, s.repeat_penalty, graph.absorbing_id)
-
-        return penalized
-
     @torch.inference_mode()
     def sample(self, model, process, z, lengths, cfg_scale, generator=None, callback=None):
         """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = slot_width(lengths); see sgdd.sampling.base."""
@@ -168,16 +150,21 @@ class ScoreSampler(Sampler):
 
         probe = torch.full((B, L), pad_id, dtype=torch.long, device=device)
         graph = process.graph(process.resolve_vocab_size(model, probe, z))
-        step_model = guided(model, cfg_scale)
-        if s.repeat_penalty > 0:
-            step_model = self._penalized(step_model, graph, pad_id, device)
+        if s.repeat_penalty > 0 and graph.absorbing_id is None:
+            raise ConfigError(
+                f"sampling.repeat_penalty works with the absorbing graph only (the {self.name} sampler on the uniform "
+                "graph has no distribution over clean tokens to penalise); set sampling.repeat_penalty: 0 "
+                "(--repeat-penalty 0)"
+            )
 
         x = graph.sample_limit((B, L), device=device, generator=generator)
         x = torch.where(valid, x, pad_id)
         t_min = max(process.eps, 1.0e-5)  # the final step needs sigma_bar(t_min) > 0
         ts = torch.linspace(1.0, t_min, K, dtype=torch.float64).tolist()
         if graph.absorbing_id is not None:
-            return self._sample_absorbing(step_model, process, graph, x, z, ts, widths, generator, callback)
+            return self._sample_absorbing(model, process, graph, x, z, ts, widths, cfg_scale, generator, callback)
+
+        step_model = guided(model, cfg_scale)
 
         # the graphs without an absorbing state (uniform): every slot can move at every step
         sel = valid
@@ -201,32 +188,79 @@ class ScoreSampler(Sampler):
                 callback(k, x)
         return x
 
-    def _sample_absorbing(self, step_model, process, graph: Graph, x, z, ts, widths, generator, callback):
-        """The loop of `sample` on the absorbing graph, drawn as what it is there: at step k < K each masked
-        position unmasks with probability move_prob (from the noise schedule alone), and the final step unmasks
-        all; an unmasking position takes a token from the guided p(x0 | x_t) (MASK excluded, repetition penalty
-        applied): its argmax (greedy) or a draw from p^(1/T). The same distribution as building every masked
-        position's (V,) transition probabilities, but the model runs only for rows with an unmasking position
-        and scores only those positions, and the steps where nothing unmasks skip it."""
+    def unmask_steps(self, process: ScoreEntropyProcess, ts: list[float], shape, device,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Absorbing graph: (shape) long, the step k in 1..K (K = len(ts)) at which each masked position unmasks.
+        At step k < K a position still masked unmasks with probability move_prob(t_{k-1}, t_k), the same for every
+        position and independent of the model, and the final step unmasks the rest; so the steps can be drawn
+        before decoding (one uniform per position and step k < K, in step order)."""
+        K = len(ts)
+        at = torch.full(shape, K, dtype=torch.long, device=device)
+        for k in range(1, K):
+            p = self.move_prob(process, ts[k - 1], ts[k])
+            u = torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
+            at = torch.where((at == K) & (u < p), k, at)
+        return at
+
+    def _sample_absorbing(self, model, process, graph: Graph, x, z, ts, widths, cfg_scale, generator, callback):
+        """The loop of `sample` on the absorbing graph, drawn as what it is there: each masked position unmasks at
+        a step drawn from the noise schedule alone (unmask_steps: probability move_prob per step, all at the last),
+        into a token from the guided p(x0 | x_t) (MASK excluded, repetition penalty applied): its argmax (greedy)
+        or a draw from p^(1/T). The same distribution as building every masked position's (V,) transition
+        probabilities, but the model runs only for rows with an unmasking position and scores only those
+        positions, and the steps where nothing unmasks skip it.
+
+        sampling.kv_refresh = R > 0 (as in MaskGIT): steps 1, 1 + R, ... run every position of the active rows and
+        keep each block's keys / values; the other steps run only the unmasking positions and those whose id
+        changed since their entry was computed (KVReuse). sampling.guidance_refresh = G > 0 with guidance: the null
+        pass runs at steps 1, 1 + G, ... only, there at every masked position that unmasks before the next such
+        step, whose guidance direction (conditional - null) is kept and added to the conditional pass at its own
+        step (NullReuse). Both approximate, as in MaskGIT."""
         s = self.cfg.sampling
         mask_id, K = graph.absorbing_id, len(ts)
+        B, L = x.shape
+        device = x.device
+        pad_id = getattr(process, "pad_id", PAD_ID)
+        unmask_at = self.unmask_steps(process, ts, (B, L), device, generator)
+        G = s.guidance_refresh
+        nulls = None
+        if reuses_null_pass(s, cfg_scale, bool(getattr(model, "self_condition", False))):
+            nulls = NullReuse(G, cfg_scale, B, L, device)
+            step_model, null_model = guided(model, 1.0), guided(model, 0.0)
+        else:
+            step_model = guided(model, cfg_scale)
+        kv = None
+        if s.kv_refresh > 0:
+            if getattr(model, "supports_kv", False):
+                kv = KVReuse(s.kv_refresh, B, L, getattr(step_model, "passes", 1), device)
+            else:
+                log.warning("sampling.kv_refresh: this decoder (RoPE, self-conditioning or z_positions) cannot reuse "
+                            "keys / values; decoding without reuse. Set sampling.kv_refresh: 0 to silence this.")
+        exempt = self.exempt(graph.V, pad_id, device) if s.repeat_penalty > 0 else None
         for k in range(1, K + 1):
             masked = x == mask_id
-            if k < K:
-                p = self.move_prob(process, ts[k - 1], ts[k])
-                u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
-                move = masked & (u < p)
-            else:
-                move = masked
-            active = move.any(dim=1)  # (B,) rows with an unmasking position
+            move = masked & (unmask_at == k)
+            # a null-pass step scores every masked position unmasking before the next one (keeps its direction)
+            refresh = nulls is not None and (k - 1) % G == 0
+            scored = masked & (unmask_at < k + G) if refresh else move
+            active = scored.any(dim=1)  # (B,) rows with a position to score
             if bool(active.any()):
                 rows = slice(None) if bool(active.all()) else active.nonzero()[:, 0]
-                x_in, move_in = x[rows], move[rows]
-                t_vec = torch.full((x_in.shape[0],), float(ts[k - 1]), device=x.device)
+                x_in, sel, z_in = x[rows], scored[rows], z[rows]
+                t_in = process.model_time(torch.full((x_in.shape[0],), float(ts[k - 1]), device=device))
                 extra = {} if widths is None else {"widths": widths[rows]}
-                raw = step_model(x_in, process.model_time(t_vec), z[rows], None, move_in, **extra)  # (M, V)
-                logits = raw.float()
+
+                def call(state=None, fn=step_model, x_in=x_in, t_in=t_in, z_in=z_in, sel=sel, extra=extra):
+                    return fn(x_in, t_in, z_in, None, sel, **(extra if state is None else {**extra, "kv": state}))
+
+                logits = (call() if kv is None else kv.logits(k, rows, x_in, sel, call)).float()  # (N, V)
+                if nulls is not None:
+                    logits = nulls.guide(k, logits, lambda: call(fn=null_model), x, scored, mask_id, forbid=mask_id)
+                if exempt is not None:
+                    logits = penalize_repeats(logits, x_in, sel, exempt, s.repeat_penalty, mask_id)
                 logits[:, mask_id] = float("-inf")
+                if refresh:  # only the positions unmasking now draw
+                    logits = logits[move[rows][sel]]
                 if s.greedy:
                     new = logits.argmax(dim=-1)
                 else:

@@ -302,15 +302,16 @@ class KVReuse:
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.ids = torch.full((B, L), -1, dtype=torch.long, device=device)
 
-    def logits(self, step_model, process, k: int, rows, x_in, mask_in, mask_ratio, z, extra: dict) -> torch.Tensor:
+    def logits(self, k: int, rows, x_in: torch.Tensor, run: torch.Tensor, call) -> torch.Tensor:
         """One model call at step k for the active `rows` (x_in = x[rows]): a full pass at steps 1, 1 + refresh,
-        ..., else only the masked positions and those whose id changed since their entry was computed; updates
-        the cache and ids. Returns clean_logits' (N, V) / (N, C) at mask_in."""
+        ..., else only the positions of `run` (b, L) bool (those the call scores: MaskGIT's masked ones) and
+        those whose id changed since their entry was computed; updates the cache and ids. `call(state)` makes
+        the model call with kv=state (a KVState) and returns its output, which this returns."""
         b, L = x_in.shape
         B, passes = self.B, self.passes
         full_rows = torch.arange(B, device=x_in.device)[rows]  # (b,) the rows' indices among B
         pass_rows = torch.cat([full_rows + p * B for p in range(passes)])  # (passes * b,)
-        stale = (x_in != self.ids[rows]) | mask_in  # (b, L)
+        stale = (x_in != self.ids[rows]) | run  # (b, L)
         if self.cache is None or (k - 1) % self.refresh == 0 or bool(stale.all()):
             state = KVState()
         else:
@@ -323,7 +324,7 @@ class KVReuse:
             every = isinstance(rows, slice)
             cache = self.cache if every else [(kc[pass_rows], vc[pass_rows]) for kc, vc in self.cache]
             state = KVState(cache, order, fill, writable=True)
-        logits = process.clean_logits(step_model, x_in, mask_ratio, z, select=mask_in, kv=state, **extra)
+        logits = call(state)
         if self.cache is None:
             self.cache = [(kc.new_zeros((passes * B,) + kc.shape[1:]), vc.new_zeros((passes * B,) + vc.shape[1:]))
                           for kc, vc in state.cache]
@@ -564,7 +565,10 @@ class MaskGITSampler(Sampler):
                     state = feats.new_zeros((passes, B, L, feats.shape[-1]))
                 state[:, rows] = feats.view(passes, b, L, -1)
             elif kv is not None:
-                logits = kv.logits(step_model, process, k, rows, x_in, mask_in, mask_ratio[rows], z[rows], extra)
+                def call(state, x_in=x_in, ratio=mask_ratio[rows], z_in=z[rows], mask_in=mask_in, extra=extra):
+                    return process.clean_logits(step_model, x_in, ratio, z_in, select=mask_in, kv=state, **extra)
+
+                logits = kv.logits(k, rows, x_in, mask_in, call)
             else:
                 logits = process.clean_logits(  # (N, V), N = mask.sum() (active rows only); (N, C) shortlisted
                     step_model, x_in, mask_ratio[rows], z[rows], select=mask_in, **extra
