@@ -46,9 +46,9 @@ import torch
 
 from sgdd.diffusion.score_entropy import PAD_ID, Graph, ScoreEntropyProcess, one_hot
 from sgdd.registry import ConfigError
-from sgdd.sampling.base import SAMPLERS, Sampler, log, penalize_repeats, slot_width
+from sgdd.sampling.base import SAMPLERS, Sampler, penalize_repeats, slot_width
 from sgdd.sampling.guidance import guided
-from sgdd.sampling.maskgit import KVReuse, NullReuse, reuses_null_pass
+from sgdd.sampling.maskgit import KVReuse, NullReuse, reuses_kv, reuses_null_pass
 
 ROW_CHUNK_ELEMENTS = 1 << 23  # rows x V handled at once after the forward (the uniform graph moves every row)
 
@@ -229,13 +229,7 @@ class ScoreSampler(Sampler):
             step_model, null_model = guided(model, 1.0), guided(model, 0.0)
         else:
             step_model = guided(model, cfg_scale)
-        kv = None
-        if s.kv_refresh > 0:
-            if getattr(model, "supports_kv", False):
-                kv = KVReuse(s.kv_refresh, B, L, getattr(step_model, "passes", 1), device)
-            else:
-                log.warning("sampling.kv_refresh: this decoder (RoPE, self-conditioning or z_positions) cannot reuse "
-                            "keys / values; decoding without reuse. Set sampling.kv_refresh: 0 to silence this.")
+        kv = KVReuse(s.kv_refresh, B, L, getattr(step_model, "passes", 1), device) if reuses_kv(s, model) else None
         exempt = self.exempt(graph.V, pad_id, device) if s.repeat_penalty > 0 else None
         for k in range(1, K + 1):
             masked = x == mask_id

@@ -293,6 +293,19 @@ def reuses_null_pass(s, cfg_scale: float, self_condition: bool = False) -> bool:
     return s.guidance_refresh > 0 and guidance_passes(cfg_scale) == 2 and not self_condition
 
 
+def reuses_kv(s, model) -> bool:
+    """Whether decoding with sampling settings `s` reuses keys / values (KVReuse): s.kv_refresh > 0 and a decoder
+    that can (Decoder.supports_kv); a decoder that cannot decodes without reuse, with a warning. The MaskGIT and
+    SEDD samplers ask this."""
+    if s.kv_refresh <= 0:
+        return False
+    if not getattr(model, "supports_kv", False):
+        log.warning("sampling.kv_refresh: this decoder (RoPE, self-conditioning or z_positions) cannot reuse keys / "
+                    "values; decoding without reuse. Set sampling.kv_refresh: 0 to silence this.")
+        return False
+    return True
+
+
 class KVReuse:
     """Per-decode state of sampling.kv_refresh: each block's (keys, values) for all passes x B rows, and the id
     each position had when its entry was computed (-1: never)."""
@@ -509,12 +522,7 @@ class MaskGITSampler(Sampler):
             column_of = torch.full((B, V), -1, dtype=torch.long, device=device)
             column_of.scatter_(1, cand, torch.arange(cand.shape[1], device=device).expand(B, -1).contiguous())
         n = valid.sum(dim=1)  # (B,) positions to decode per row
-        reuse_kv = s.kv_refresh > 0
-        if reuse_kv and not getattr(model, "supports_kv", False):
-            log.warning("sampling.kv_refresh: this decoder (RoPE, self-conditioning or z_positions) "
-                        "cannot reuse keys / values; decoding without reuse. Set sampling.kv_refresh: 0 to silence "
-                        "this.")
-            reuse_kv = False
+        reuse_kv = reuses_kv(s, model)
         # null-pass reuse: the conditional pass runs alone (one pass) and NullReuse guides it
         reuse_null = reuses_null_pass(s, cfg_scale)
         if reuse_null and self_cond:
