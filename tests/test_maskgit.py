@@ -89,17 +89,47 @@ def test_registered():
     assert SAMPLERS.get("maskgit") is MaskGITSampler
 
 
-def test_schedule_counts():
-    n = torch.tensor([1, 5, 16, 33])
-    K = 16
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("K", [1, 3, 16])
+def test_schedule_counts(schedule, K):
+    n = torch.arange(1, 65)
     prev = n
     for k in range(1, K + 1):
-        m = masked_count(n, k, K)
+        m = masked_count(n, k, K, schedule)
         assert (m <= prev).all() and (m >= 0).all()
         prev = m
-    assert (masked_count(n, 0, K) == n).all()
-    assert (masked_count(n, K, K) == 0).all()
-    assert (masked_count(n, 1, K) <= n - 1).all()
+    assert (masked_count(n, 0, K, schedule) == n).all()
+    assert (masked_count(n, K, K, schedule) == 0).all()
+    assert (masked_count(n, 1, K, schedule) <= n - 1).all()
+
+
+def test_linear_schedule_equal_shares():
+    # floor(n (K - k) / K) exactly, no float rounding: n = a multiple of K commits n / K every step
+    K = 16
+    for n in (16, 32, 48, 64):
+        counts = [int(masked_count(torch.tensor([n]), k, K, "linear")) for k in range(K + 1)]
+        assert counts == [n - k * n // K for k in range(K + 1)]
+    n = torch.arange(1, 65)
+    for k in range(K):
+        assert (masked_count(n, k, K, "linear") == (n * (K - k)) // K).all()
+    # cosine commits fewer than linear in the first step and more in the last
+    n = torch.tensor([64])
+    assert n - masked_count(n, 1, K) < n - masked_count(n, 1, K, "linear")
+    assert masked_count(n, K - 1, K) > masked_count(n, K - 1, K, "linear")
+
+
+def test_linear_schedule_in_the_sampler():
+    target = _target(B=2, L=10)
+    lengths = torch.tensor([10, 7])
+    K = 5
+    states = []
+    MaskGITSampler(make_cfg(steps=K, unmask_schedule="linear")).sample(
+        TargetModel(target), FakeProcess(), rowz(2), lengths, 1.0, callback=lambda k, x: states.append(x)
+    )
+    masked = [(x == MASK).sum(1).tolist() for x in states]
+    assert masked == [[8, 5], [6, 4], [4, 2], [2, 1], [0, 0]]  # floor(n (K - k) / K) for n = 10, 7
+    with pytest.raises(ConfigError, match="unmask_schedule must be one of"):
+        MaskGITSampler(make_cfg(unmask_schedule="sine"))
 
 
 def test_ranks_in_rows():

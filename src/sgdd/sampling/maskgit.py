@@ -6,7 +6,9 @@ each (greedy argmax, or temperature / top-k / top-p sampling) and commits the mo
 
     m_k(i) = floor(lengths[i] * cos(pi/2 * k / K))
 
-positions stay masked after step k (cosine unmasking schedule; m_K = 0, so nothing is left masked). The
+positions stay masked after step k (cosine unmasking schedule; m_K = 0, so nothing is left masked).
+sampling.unmask_schedule: linear leaves m_k(i) = floor(lengths[i] (K - k) / K) instead, an equal share per step:
+the masked fractions a score-entropy model (log-linear noise) is trained and Euler-decoded at. The
 confidence of a prediction is the guided model's probability of the chosen token (float32); for ranking,
 annealed Gumbel noise can be added to its log: log p + gumbel_noise * (1 - (k-1)/K) * G, G ~ Gumbel(0, 1)
 drawn in float64. MASK is never predicted; PAD and EOS are (the model learns where a sentence ends).
@@ -102,14 +104,25 @@ EOS_ID = 2  # decoder vocabulary contract (sgdd.data.Vocab.EOS)
 log = logging.getLogger("sgdd")
 
 
-def masked_count(n: torch.Tensor, k: int, K: int) -> torch.Tensor:
-    """Positions still masked after step k of K under the cosine schedule: floor(n * cos(pi/2 * k/K)).
+# positions still masked after step k of K < K steps, n (B,) long the row's positions to decode -> (B,) long
+UNMASK_SCHEDULES = {
+    # MaskGIT's: floor(n cos(pi/2 k/K)), few commits first, many last
+    "cosine": lambda n, k, K: torch.floor(n.double() * math.cos(math.pi / 2 * k / K)).long(),
+    # floor(n (K - k) / K) (integer arithmetic: exact): the same share every step, the masked fractions a
+    # score-entropy model sees under log-linear noise (1 - e^-sigma(t) = (1 - eps) t) on Euler's uniform time grid
+    "linear": lambda n, k, K: torch.div(n * (K - k), K, rounding_mode="floor"),
+}
+
+
+def masked_count(n: torch.Tensor, k: int, K: int, schedule: str = "cosine") -> torch.Tensor:
+    """Positions still masked after step k of K under UNMASK_SCHEDULES[schedule] (cosine: floor(n * cos(pi/2 *
+    k/K)); linear: floor(n * (K - k) / K)).
 
     n (B,) long -> (B,) long; m_0 = n, m_K = 0, non-increasing in k, and m_1 <= n - 1 for n >= 1.
     """
     if k >= K:
         return torch.zeros_like(n)
-    return torch.floor(n.double() * math.cos(math.pi / 2 * k / K)).long()
+    return UNMASK_SCHEDULES[schedule](n, k, K)
 
 
 def ranks_in_rows(score: torch.Tensor, descending: bool) -> torch.Tensor:
@@ -391,7 +404,7 @@ class NullReuse:
 
 @SAMPLERS.register("maskgit")
 class MaskGITSampler(Sampler):
-    """Confidence-based parallel decoding (MaskGIT) with a cosine schedule; see the module docstring."""
+    """Confidence-based parallel decoding (MaskGIT), cosine schedule by default; see the module docstring."""
 
     def __init__(self, cfg, token_counts=None):
         super().__init__(cfg, token_counts)
@@ -414,6 +427,9 @@ class MaskGITSampler(Sampler):
             raise ConfigError(f"sampling.remask must be in [0, 1), got {s.remask}")
         if s.guidance_refresh < 0:
             raise ConfigError(f"sampling.guidance_refresh must be >= 0 (0 = off), got {s.guidance_refresh}")
+        if s.unmask_schedule not in UNMASK_SCHEDULES:
+            raise ConfigError(f"sampling.unmask_schedule must be one of {sorted(UNMASK_SCHEDULES)}, got "
+                              f"{s.unmask_schedule!r}")
         if s.correct < 0 or not 0.0 < s.correct_frac < 1.0:
             raise ConfigError(f"sampling.correct must be >= 0 (0 = off) and sampling.correct_frac in (0, 1), got "
                               f"{s.correct} and {s.correct_frac}")
@@ -426,7 +442,7 @@ class MaskGITSampler(Sampler):
         """z (B, Dz), lengths (B,) long -> ids (B, L) long with L = slot_width(lengths); see Sampler.sample.
 
         init (B, L) long, optional: start from this partly decoded state instead of all MASK (lengths is then
-        ignored): only its MASK positions are decoded, on the same cosine schedule over their count (refinement).
+        ignored): only its MASK positions are decoded, on the same schedule over their count (refinement).
         sampling.correct > 0: that many self-correction rounds follow (see correct)."""
         s = self.cfg.sampling
         if process.mask_id is None:
@@ -541,7 +557,7 @@ class MaskGITSampler(Sampler):
             # fraction of the row's positions (L, or its own width) that are masked, as the process measures it
             # in training (the PAD tail counts as visible positions)
             mask_ratio = masked_now.float() / (L if widths is None else widths.float())  # (B,)
-            target = masked_count(n, k, K)  # (B,) masked after this step
+            target = masked_count(n, k, K, s.unmask_schedule)  # (B,) masked after this step
             remask_n = torch.zeros_like(n)
             if s.remask > 0 and k < K:
                 committed_before = valid & ~mask  # (B, L)
