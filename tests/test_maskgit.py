@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import perturbed_decoder
 
-from sgdd.config import Config
+from sgdd.config import _CHOICES, Config, validate_config
 from sgdd.registry import ConfigError
 from sgdd.sampling.base import SAMPLERS, exempt_ids, penalize_repeats, slot_width
 from sgdd.sampling.maskgit import (
+    UNMASK_SCHEDULES,
     MaskGITSampler,
     choose_tokens,
     duplicate_predictions,
@@ -130,6 +131,11 @@ def test_linear_schedule_in_the_sampler():
     assert masked == [[8, 5], [6, 4], [4, 2], [2, 1], [0, 0]]  # floor(n (K - k) / K) for n = 10, 7
     with pytest.raises(ConfigError, match="unmask_schedule must be one of"):
         MaskGITSampler(make_cfg(unmask_schedule="sine"))
+    # the config check names the same choices, so a bad value fails when the config is built
+    assert set(UNMASK_SCHEDULES) == set(_CHOICES["sampling.unmask_schedule"])
+    cfg = make_cfg(unmask_schedule="sine")
+    with pytest.raises(ConfigError, match="unmask_schedule"):
+        validate_config(cfg)
 
 
 def test_ranks_in_rows():

@@ -452,6 +452,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "encoder.precision": ("auto", "bf16", "fp32"),
     "training.precision": ("auto", "bf16", "fp32"),
     "sampling.length": ("predict", "max"),
+    "sampling.unmask_schedule": ("cosine", "linear"),  # mirrors sgdd.sampling.maskgit.UNMASK_SCHEDULES (tested)
     "tracking.mode": ("auto", "online", "offline", "disabled"),
 }
 
