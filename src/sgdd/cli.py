@@ -205,6 +205,9 @@ _DECODING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--steps", "steps", int, "denoising steps"),
     ("--cfg-scale", "cfg_scale", float, "classifier-free guidance scale (1 = conditional only)"),
     ("--sampler", "sampler", str, "maskgit | euler | analytic (must fit the checkpoint's process)"),
+    ("--unmask-schedule", "unmask_schedule", str,
+     "MaskGIT: how many positions stay masked after each step, cosine | linear (equal shares, the masked "
+     "fractions of score-entropy training); default: the checkpoint's"),
     ("--rerank", "rerank", int, "best of K decodes by re-embedding cosine (reconstruct)"),
     ("--refine", "refine", int, "rounds of encoder-guided refinement after decoding (reconstruct; 0 = off)"),
     ("--length-quantile", "length_quantile", float,
