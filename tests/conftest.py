@@ -136,3 +136,18 @@ def perturbed_decoder(vocab_size: int, latent_dim: int, layers: int = 2, max_len
         for p in dec.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     return dec.eval()
+
+
+def record_decoder_calls(dec):
+    """Wrap dec.forward to record, per call, (every row unconditional: a null pass on its own, positions run with
+    reused keys / values, or None for a full pass or a call without reuse); returns the list it appends to."""
+    calls = []
+    forward = dec.forward
+
+    def recording(x_t, t, z, uncond=None, select=None, kv=None, **kw):
+        ran = None if kv is None or kv.cache is None else int(kv.positions.shape[1])
+        calls.append((bool(uncond is not None and uncond.all()), ran))
+        return forward(x_t, t, z, uncond=uncond, select=select, kv=kv, **kw)
+
+    dec.forward = recording
+    return calls

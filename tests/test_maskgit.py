@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import perturbed_decoder
+from conftest import perturbed_decoder, record_decoder_calls
 
 from sgdd.config import _CHOICES, Config, validate_config
 from sgdd.registry import ConfigError
@@ -653,16 +653,9 @@ def test_shortlist_decoding_equals_full_decoding_when_the_targets_are_listed(sca
 def test_kv_refresh_reuses_keys_and_values_of_unchanged_positions(scale):
     """A real (tiny, perturbed) decoder: kv_refresh 1 (a full pass every step) decodes exactly as without reuse;
     kv_refresh 3 runs only the stale positions between full passes and still ends with no MASK, PAD kept."""
-    from sgdd.config import ModelConfig
     from sgdd.diffusion import build_process
-    from sgdd.models import Decoder
 
-    torch.manual_seed(0)
-    dec = Decoder(ModelConfig(init_from="scratch", num_layers=2, hidden_size=32, num_heads=4, latent_dim=2), V, 16)
-    with torch.no_grad():
-        for p in dec.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    dec.eval()
+    dec = _perturbed_decoder()
     process = build_process(make_cfg())
     calls = []
     forward = dec.forward
@@ -743,19 +736,6 @@ def _perturbed_decoder(layers=2):
     return perturbed_decoder(V, 2, layers)
 
 
-def _count_null_calls(dec):
-    """Wrap dec.forward to record, per call, whether every row was unconditional (a null pass on its own)."""
-    calls = []
-    forward = dec.forward
-
-    def recording(x_t, t, z, uncond=None, **kw):
-        calls.append(bool(uncond is not None and uncond.all()))
-        return forward(x_t, t, z, uncond=uncond, **kw)
-
-    dec.forward = recording
-    return calls
-
-
 @pytest.mark.parametrize("extra", [{"guidance_refresh": 3}, {"guidance_refresh": 3, "kv_refresh": 3}, {}])
 def test_first_null_pass_runs_once_per_length(extra):
     """The null pass of the first step sees the same all-[MASK] rows for every row of one length (and width):
@@ -808,19 +788,19 @@ def test_guidance_refresh_runs_the_null_pass_only_at_refresh_steps():
     from sgdd.diffusion import build_process
 
     dec = _perturbed_decoder()
-    calls = _count_null_calls(dec)
+    calls = record_decoder_calls(dec)
     process = build_process(make_cfg())
     lengths = torch.tensor([9, 7, 8])
     z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
     out = MaskGITSampler(make_cfg(steps=6, guidance_refresh=3)).sample(dec, process, z, lengths, 2.0)
     # every row commits at every step (lengths >= steps): 6 conditional calls + null passes at steps 1 and 4
-    assert calls.count(True) == 2 and calls.count(False) == 6
+    assert [null for null, _ in calls].count(True) == 2 and len(calls) == 8
     assert (out != MASK).all()
     assert (out[torch.arange(9)[None].expand(3, -1) >= lengths[:, None]] == PAD).all()
     # at scale 1 there is no null pass at all, with or without the option
     calls.clear()
     MaskGITSampler(make_cfg(steps=6, guidance_refresh=3)).sample(dec, process, z, lengths, 1.0)
-    assert calls.count(True) == 0 and len(calls) == 6
+    assert not any(null for null, _ in calls) and len(calls) == 6
 
 
 def test_reuses_null_pass_says_what_the_sampler_does():
@@ -830,7 +810,7 @@ def test_reuses_null_pass_says_what_the_sampler_does():
     for scale in (0.0, 1.0, 1.5, 3.0):  # the pass count guided() wraps the model with
         assert guidance_passes(scale) == guided(lambda *a, **k: None, scale).passes
     dec = _perturbed_decoder()
-    calls = _count_null_calls(dec)
+    calls = record_decoder_calls(dec)
     process = build_process(make_cfg())
     lengths = torch.tensor([9, 7, 8])
     z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
@@ -840,7 +820,8 @@ def test_reuses_null_pass_says_what_the_sampler_does():
         cfg = make_cfg(steps=6, guidance_refresh=g)
         MaskGITSampler(cfg).sample(dec, process, z, lengths, scale)
         assert reuses_null_pass(cfg.sampling, scale) is reuses, (g, scale)
-        assert (0 < calls.count(True) < 6) is reuses, (g, scale, calls.count(True))
+        nulls = sum(null for null, _ in calls)
+        assert (0 < nulls < 6) is reuses, (g, scale, nulls)
     assert not reuses_null_pass(make_cfg(guidance_refresh=3).sampling, 2.0, self_condition=True)
 
 

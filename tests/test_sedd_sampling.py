@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import perturbed_decoder
+from conftest import perturbed_decoder, record_decoder_calls
 
 from sgdd.config import Config, config_from_dict
 from sgdd.diffusion.base import Process
@@ -468,21 +468,6 @@ def test_unmask_steps_follow_the_per_step_move_probability(sampler, noise):
         assert abs(f - e) <= 5 * (e * (1 - e) / n) ** 0.5 + 1e-12, (k, f, e)
 
 
-def _record_calls(dec):
-    """Wrap dec.forward to record per call (all rows unconditional?, positions run with reused keys / values or
-    None for a full pass or a call without reuse)."""
-    calls = []
-    forward = dec.forward
-
-    def recording(x_t, t, z, uncond=None, select=None, kv=None, **kw):
-        ran = None if kv is None or kv.cache is None else int(kv.positions.shape[1])
-        calls.append((bool(uncond is not None and uncond.all()), ran))
-        return forward(x_t, t, z, uncond=uncond, select=select, kv=kv, **kw)
-
-    dec.forward = recording
-    return calls
-
-
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_absorbing_reuse_is_exact_at_refresh_1_and_runs_less_otherwise(sampler):
     """A real (tiny, perturbed) decoder on the absorbing graph with guidance: kv_refresh 1 and guidance_refresh 1
@@ -504,7 +489,7 @@ def test_absorbing_reuse_is_exact_at_refresh_1_and_runs_less_otherwise(sampler):
     exact = run()
     for fields in ({"kv_refresh": 1}, {"guidance_refresh": 1}, {"kv_refresh": 1, "guidance_refresh": 1}):
         assert torch.equal(run(**fields), exact), fields
-    calls = _record_calls(dec)
+    calls = record_decoder_calls(dec)
     reused = run(kv_refresh=3, guidance_refresh=3)
     assert sum(null for null, _ in calls) == 2  # the null pass at steps 1 and 4 only
     partial = [ran for null, ran in calls if ran is not None]
