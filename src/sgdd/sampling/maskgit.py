@@ -104,7 +104,7 @@ EOS_ID = 2  # decoder vocabulary contract (sgdd.data.Vocab.EOS)
 log = logging.getLogger("sgdd")
 
 
-# positions still masked after step k of K < K steps, n (B,) long the row's positions to decode -> (B,) long
+# (n, k, K) -> positions still masked after step k < K of K: n (B,) long, each row's positions to decode -> (B,) long
 UNMASK_SCHEDULES = {
     # MaskGIT's: floor(n cos(pi/2 k/K)), few commits first, many last
     "cosine": lambda n, k, K: torch.floor(n.double() * math.cos(math.pi / 2 * k / K)).long(),
