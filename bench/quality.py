@@ -171,6 +171,8 @@ def main() -> int:
               if refined else "")
            + f" | {args.steps} steps, CFG {args.cfg_scale:g}"
            + (f", null pass every {sampling.guidance_refresh} steps" if null_reuse else "")
+           + (f", {sampling.unmask_schedule} unmasking"
+              if sampling.sampler == "maskgit" and sampling.unmask_schedule != "cosine" else "")
            + (f", {allocator}" if allocator != "libc" else "") + f"; {args.note} | `{out['command']}` |\n")
     results = Path(args.results)
     if not results.exists():

@@ -300,7 +300,11 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     g = out["resolved_config"]["sampling"]["guidance_refresh"]  # null-pass reuse, named in the row when on
     assert g > 0  # the fiction config reuses the null pass with guidance, so the row must say so
     null = f", null pass every {g} steps"
-    assert f"| 16 steps, CFG 1.5{null}{allocator}; " in rows[0] and out["decoding"] == {"steps": 16, "cfg_scale": 1.5}
+    # so does a MaskGIT unmask schedule other than cosine (the fiction config ships linear)
+    assert out["resolved_config"]["sampling"]["unmask_schedule"] == "linear"
+    unmask = ", linear unmasking"
+    assert f"| 16 steps, CFG 1.5{null}{unmask}{allocator}; " in rows[0]
+    assert out["decoding"] == {"steps": 16, "cfg_scale": 1.5}
     latest = tmp_path / "checkpoints" / "bench_smoke_test" / "latest"
     assert latest.is_dir()
 
@@ -309,7 +313,8 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     again_json.unlink(missing_ok=True)
     cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--config", CONFIG, "--checkpoint", str(latest),
            "--num-valid", "8", "--rerank", "1", "--run-name", "bench_smoke_test_ckpt", "--results", str(results),
-           *tiny_overrides(tiny_corpus, tmp_path), "sampling.repeat_penalty=2.5", "sampling.guidance_refresh=0"]
+           *tiny_overrides(tiny_corpus, tmp_path), "sampling.repeat_penalty=2.5", "sampling.guidance_refresh=0",
+           "sampling.unmask_schedule=cosine"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=bench_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [ln for ln in results.read_text().splitlines() if ln.startswith("| 20")]
@@ -317,7 +322,8 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     again = json.loads(again_json.read_text())
     assert again["steps"] == out["steps"] and again["train_seconds"] is None and again["rerank"] is None
     assert again["resolved_config"]["sampling"]["repeat_penalty"] == 2.5
-    assert "null pass every" not in rows[1] and "| 16 steps, CFG 1.5" in rows[1]
+    assert again["resolved_config"]["sampling"]["unmask_schedule"] == "cosine"
+    assert "null pass every" not in rows[1] and "unmasking" not in rows[1] and "| 16 steps, CFG 1.5" in rows[1]
 
 
 def test_decode_grid_smoke(tiny_checkpoint, tmp_path):

@@ -206,8 +206,8 @@ class SamplingConfig:
     defer_end: bool = False  # MaskGIT: commit PAD / EOS predictions only after every content prediction
     # MaskGIT: how many positions stay masked after step k of K: cosine floor(n cos(pi/2 k/K)) | linear
     # floor(n (K - k) / K) (the masked fractions of a score-entropy model's log-linear noise). 60-minute models,
-    # 1,000 held-out sentences: within 0.2 BLEU of each other on SEDD and masked weights (bench/RESULTS.md
-    # "Thirty-third round")
+    # 1,000 held-out sentences: within 0.2 BLEU of each other on SEDD weights; linear +0.04 to +0.30 on three masked
+    # models with the fiction config's knobs, which ship it (bench/RESULTS.md "Thirty-third / Thirty-fourth round")
     unmask_schedule: str = "cosine"
     # MaskGIT: subtracted from a prediction's log-confidence per position to its right (ranking only): 0 = pure
     # confidence order; large (e.g. 100) = left to right, a few tokens per step
