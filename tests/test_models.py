@@ -30,6 +30,9 @@ def perturb_modulation(dec: Decoder, std: float = 0.2, seed: int = 0) -> None:
         if not dec.tie_embeddings:
             w = dec.final.linear.weight
             w.copy_(torch.randn(w.shape, generator=g) * std)
+        for block in dec.blocks:  # cross-attention's output projection starts at zero too
+            if block.cross is not None:
+                block.cross.proj.weight.copy_(torch.randn(block.cross.proj.weight.shape, generator=g) * std)
 
 
 def inputs(B=3, seed=0):
@@ -116,6 +119,36 @@ def test_pretrained_block_with_zero_modulation_is_the_hf_layer(minilm):
     perturb_modulation(dec)
     with torch.no_grad():
         assert not torch.allclose(dec.blocks[0](x, c), minilm.encoder.layer[0](x), atol=1e-3)
+
+
+@pytest.mark.parametrize("init", ["scratch", "encoder"])
+def test_cross_attention_starts_as_a_no_op_and_carries_z_once_trained(init, request):
+    """model.cross_tokens: at init (zero output projections) the decoder's output is that of the same decoder
+    without cross-attention; once the projections move, z reaches the output through them alone."""
+    if init == "encoder":
+        minilm = request.getfixturevalue("minilm")
+        plain, _ = minilm_decoder(minilm, num_layers=2)
+        dec, _ = minilm_decoder(minilm, num_layers=2, cross_tokens=4)
+        Lx = 12
+    else:
+        plain, dec, Lx = Decoder(tiny_cfg(), V, L).eval(), Decoder(tiny_cfg(cross_tokens=4), V, L).eval(), L
+    missing, unexpected = dec.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".cross." in k or k.startswith("cross_") for k in missing)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randint(3, V, (3, Lx), generator=g), torch.rand(3, generator=g)
+    z, z2 = torch.randn(3, DZ, generator=g), torch.randn(3, DZ, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(dec(x, t, z), plain(x, t, z), atol=1e-5)
+        # the AdaLN path stays zero (no modulation): only cross-attention can carry z
+        assert torch.allclose(dec(x, t, z), dec(x, t, z2), atol=1e-6)
+        for block in dec.blocks:
+            block.cross.proj.weight.normal_(0, 0.2, generator=g)
+        assert not torch.allclose(dec(x, t, z), dec(x, t, z2), atol=1e-3)
+    with pytest.raises(ConfigError, match="cross_tokens"):
+        Decoder(tiny_cfg(cross_tokens=-1), V, L)
+    with pytest.raises(ValueError, match="without cross-attention"):
+        plain.blocks[0](torch.randn(1, 4, plain.arch.dim), torch.randn(1, plain.arch.dim),
+                        ctx=torch.randn(1, 2, plain.arch.dim))
 
 
 def test_pretrained_decoder_hidden_states_equal_the_encoder(minilm):
@@ -215,8 +248,9 @@ def test_untied_output_layer_starts_at_zero_logits():
     assert torch.equal(dec(x, t, z), torch.zeros(3, L, V))
 
 
-def test_uncond_uses_the_null_latent():
-    dec = Decoder(tiny_cfg(prefix_tokens=2), V, L).eval()
+@pytest.mark.parametrize("kw", [dict(prefix_tokens=2), dict(cross_tokens=3)])
+def test_uncond_uses_the_null_latent(kw):
+    dec = Decoder(tiny_cfg(**kw), V, L).eval()
     perturb_modulation(dec)
     x, t, z = inputs()
     z2 = torch.randn_like(z)
@@ -501,16 +535,18 @@ def test_shortlist_logits_are_the_full_logits_at_the_shared_and_row_ids(tied):
 # reused keys / values (sampling.kv_refresh)
 
 
-@pytest.mark.parametrize("pretrained,bow,prefix", [(False, False, 0), (False, True, 0), (True, False, 0),
-                                                    (True, True, 0), (False, True, 2), (True, True, 3)])
-def test_kv_passes_match_the_plain_forward(pretrained, bow, prefix, request):
+@pytest.mark.parametrize("pretrained,bow,prefix,cross", [(False, False, 0, 0), (False, True, 0, 0), (True, False, 0, 0),
+                                                          (True, True, 0, 0), (False, True, 2, 0), (True, True, 3, 0),
+                                                          (False, False, 0, 3), (True, True, 2, 4)])
+def test_kv_passes_match_the_plain_forward(pretrained, bow, prefix, cross, request):
     from sgdd.models.decoder import KVState
 
     if pretrained:
-        dec, _ = minilm_decoder(request.getfixturevalue("minilm"), num_layers=2, bow_head=bow, prefix_tokens=prefix)
+        dec, _ = minilm_decoder(request.getfixturevalue("minilm"), num_layers=2, bow_head=bow, prefix_tokens=prefix,
+                                cross_tokens=cross)
         Lx = 12
     else:
-        dec, Lx = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix), V, L).eval(), L
+        dec, Lx = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix, cross_tokens=cross), V, L).eval(), L
     perturb_modulation(dec)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(3, V, (3, Lx), generator=g)
@@ -563,19 +599,22 @@ def test_kv_passes_match_the_plain_forward(pretrained, bow, prefix, request):
         assert not torch.allclose(mixed[rows_of == 1], exact[rows_of == 1], atol=1e-3)
 
 
-@pytest.mark.parametrize("pretrained,bow,prefix,positions", [
-    (False, False, 0, "learned"), (False, True, 2, "learned"), (True, True, 0, "learned"), (True, False, 3, "learned"),
-    (False, False, 0, "both"), (False, False, 2, "rope")])
-def test_row_widths_decode_each_row_as_if_alone(pretrained, bow, prefix, positions, request):
+@pytest.mark.parametrize("pretrained,bow,prefix,positions,cross", [
+    (False, False, 0, "learned", 0), (False, True, 2, "learned", 0), (True, True, 0, "learned", 0),
+    (True, False, 3, "learned", 0), (False, False, 0, "both", 0), (False, False, 2, "rope", 0),
+    (True, True, 0, "learned", 4), (False, False, 2, "rope", 2)])
+def test_row_widths_decode_each_row_as_if_alone(pretrained, bow, prefix, positions, cross, request):
     """forward(widths=w): row b's logits are those of its first w[b] positions run alone, on every path: plain (RoPE
     decoders: masked attention), a packed full pass with and without a kept cache, and a packed step after it."""
     from sgdd.models.decoder import KVState
 
     if pretrained:
-        dec, _ = minilm_decoder(request.getfixturevalue("minilm"), num_layers=2, bow_head=bow, prefix_tokens=prefix)
+        dec, _ = minilm_decoder(request.getfixturevalue("minilm"), num_layers=2, bow_head=bow, prefix_tokens=prefix,
+                                cross_tokens=cross)
         Lx = 12
     else:
-        dec, Lx = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix, positions=positions), V, L).eval(), L
+        dec, Lx = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix, positions=positions, cross_tokens=cross),
+                          V, L).eval(), L
     perturb_modulation(dec)
     g = torch.Generator().manual_seed(2)
     widths = torch.tensor([Lx, 4, 7])
@@ -613,12 +652,12 @@ def test_row_widths_decode_each_row_as_if_alone(pretrained, bow, prefix, positio
             dec(x, t, z, select=select, widths=torch.tensor([Lx + 1, 4, 7]))
 
 
-@pytest.mark.parametrize("bow,prefix", [(False, 0), (True, 2)])
-def test_identical_null_rows_run_once(bow, prefix):
+@pytest.mark.parametrize("bow,prefix,cross", [(False, 0, 0), (True, 2, 0), (True, 0, 2)])
+def test_identical_null_rows_run_once(bow, prefix, cross):
     """Decoding: unconditional rows with the same ids, time and width run once (Decoder.share_null_rows), with
     the logits of running every row, also at per-row shortlist columns and beside conditional rows; conditional
     rows and training (grad) never share."""
-    dec = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix), V, L).eval()
+    dec = Decoder(tiny_cfg(bow_head=bow, prefix_tokens=prefix, cross_tokens=cross), V, L).eval()
     perturb_modulation(dec)
     ran = []
     dispatch = dec._dispatch_hidden

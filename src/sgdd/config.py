@@ -36,6 +36,9 @@ class ModelConfig:
     positions: str = "learned"  # learned | rope | both
     latent_dim: int = 256  # VIB latent size D_z
     prefix_tokens: int = 0  # z also enters as this many prefix tokens (0 = AdaLN only)
+    # z also enters as this many context tokens that every position cross-attends to in every block (its own
+    # query / key-value / output projections, the output zero at init; 0 = none)
+    cross_tokens: int = 0
     # z also enters the input of every [MASK] position through a per-position linear map (zero at init): each
     # hidden position starts from its own guess of its token instead of the shared [MASK] embedding
     z_positions: bool = False

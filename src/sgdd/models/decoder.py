@@ -199,6 +199,13 @@ class Decoder(nn.Module):
         if self.num_prefix > 0:
             self.prefix_proj = nn.Linear(cfg.latent_dim, self.num_prefix * D)
             self.prefix_pos = nn.Parameter(torch.zeros(self.num_prefix, D))
+        if cfg.cross_tokens < 0:
+            raise ConfigError(f"model.cross_tokens must be >= 0 (0 = no cross-attention), got {cfg.cross_tokens}")
+        self.num_cross = cfg.cross_tokens
+        if self.num_cross > 0:  # z' -> K context tokens (B, K, D) every block cross-attends to
+            self.cross_proj = nn.Linear(cfg.latent_dim, self.num_cross * D)
+            self.cross_pos = nn.Parameter(torch.zeros(self.num_cross, D))
+            self.cross_norm = nn.LayerNorm(D)
         # per-position map z -> (max_length, D) added at [MASK] inputs
         self.z_pos = nn.Linear(cfg.latent_dim, max_length * D) if cfg.z_positions else None
         # self-conditioning: the previous estimate's output features (B, L, D) -> added at [MASK] inputs
@@ -216,11 +223,13 @@ class Decoder(nn.Module):
 
         if arch.kind == "dit":
             self.blocks = nn.ModuleList(
-                DiTBlock(D, arch.num_heads, arch.mlp_hidden, D, cfg.dropout) for _ in range(cfg.num_layers)
+                DiTBlock(D, arch.num_heads, arch.mlp_hidden, D, cfg.dropout, cross=self.num_cross > 0)
+                for _ in range(cfg.num_layers)
             )
         else:
             self.blocks = nn.ModuleList(
-                PretrainedBlock(D, arch.num_heads, arch.mlp_hidden, D, cfg.dropout, arch.eps, arch.act)
+                PretrainedBlock(D, arch.num_heads, arch.mlp_hidden, D, cfg.dropout, arch.eps, arch.act,
+                                cross=self.num_cross > 0)
                 for _ in range(cfg.num_layers)
             )
         self.final = FinalLayer(D, D, vocab_size, cfg.tie_embeddings, arch.act, arch.eps)
@@ -266,6 +275,11 @@ class Decoder(nn.Module):
             nn.init.normal_(self.pos_emb, std=0.02)
         if self.num_prefix > 0:
             nn.init.normal_(self.prefix_pos, std=0.02)
+        if self.num_cross > 0:
+            nn.init.normal_(self.cross_pos, std=0.02)
+            for block in self.blocks:  # zero: every block is unchanged (the pretrained layer) at step 0
+                nn.init.zeros_(block.cross.proj.weight)
+                nn.init.zeros_(block.cross.proj.bias)
         if self.sc_proj is not None:  # zero: no estimate and any estimate give the same output at step 0
             nn.init.zeros_(self.sc_proj.weight)
             nn.init.zeros_(self.sc_proj.bias)
@@ -370,6 +384,13 @@ class Decoder(nn.Module):
         prefix = self.prefix_proj(z).view(h.shape[0], self.num_prefix, -1) + self.prefix_pos  # (B, P, D)
         return torch.cat([prefix.to(h.dtype), h], dim=1)
 
+    def _context(self, z: torch.Tensor) -> torch.Tensor | None:
+        """The context tokens every block cross-attends to, made from z' (B, Dz): (B, K, D); None when K = 0."""
+        if self.num_cross == 0:
+            return None
+        tokens = self.cross_proj(z).view(z.shape[0], self.num_cross, -1) + self.cross_pos
+        return self.cross_norm(tokens)
+
     def _key_mask(self, widths: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor | None:
         """(B, P + L) bool: the prefix and each row's first widths[b] positions (the keys its queries attend to);
         None (attend to all) without widths."""
@@ -408,8 +429,9 @@ class Decoder(nn.Module):
         rope = None
         if self.rope_cos is not None:
             rope = (self.rope_cos[: P + L], self.rope_sin[: P + L])
+        ctx = self._context(z)
         for block in self.blocks:
-            h = block(h, c, rope, key_mask)
+            h = block(h, c, rope, key_mask, ctx)
         return h[:, P:], c, z
 
     def forward(
@@ -578,9 +600,10 @@ class Decoder(nn.Module):
         if at is not None:
             at_cache = at if P == 0 else PackedPositions(at.row, at.pos + P, at.slot, at.width)
         cache = []
+        ctx = self._context(z)
         for i, block in enumerate(self.blocks):
             h, pair = block.forward_kv(h, c, None if at_cache is None else kept[i], at_cache, key_mask,
-                                       inplace=kv.writable and at is not None)
+                                       inplace=kv.writable and at is not None, ctx=ctx)
             cache.append(pair)
         kv.cache = cache
         if at_cache is None:

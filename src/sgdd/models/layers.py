@@ -1,7 +1,8 @@
 """Building blocks of the decoder: modulation, timestep embedding, RoPE, attention, the two block types, the
 final layer.
 
-Two block types share one conditioning interface, `block(x (B, L, D), c (B, Dc), rope) -> (B, L, D)`:
+Two block types share one conditioning interface, `block(x (B, L, D), c (B, Dc), rope) -> (B, L, D)`, optionally
+with context tokens ctx (B, K, D) made from z that every position cross-attends to (model.cross_tokens):
 
 - `DiTBlock`: pre-LN AdaLN-Zero (DiT). c gives shift/scale/gate for the attention and MLP branches; with the
   modulation zeroed every gate is 0 and the block is the identity.
@@ -215,43 +216,91 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class CrossAttention(nn.Module):
+    """Attention from every position to a few context tokens (B, K, D) made from z (model.cross_tokens). Its own
+    query, key / value and output projections; the output projection starts at zero (Decoder.initialize_weights),
+    so a block with it is unchanged until it trains."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def context(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx (B, K, D) -> keys, values, each (B, H, K, hd)."""
+        B, K, _ = ctx.shape
+        return self.kv(ctx).view(B, K, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D) against keys, values (B, H, K, hd) -> (B, L, D)."""
+        B, L, D = x.shape
+        q = self.q(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        return self.proj(attention(q, keys, values).transpose(1, 2).reshape(B, L, D))
+
+    def packed(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """x (M, D), the packed positions of rows `row` (M,), against their rows' keys, values (B, H, K, hd)."""
+        return self(x[:, None], keys.index_select(0, row), values.index_select(0, row))[:, 0]
+
+
 class ModulatedBlock(nn.Module):
-    """A transformer block conditioned on c (B, Dc); subclasses define `_run(x, mods, attn)`, the block around an
-    attention function, with `mods` the six modulation vectors (..., 6 D) broadcastable against x."""
+    """A transformer block conditioned on c (B, Dc); subclasses define `_run(x, mods, attn, cross)`, the block
+    around an attention function, with `mods` the six modulation vectors (..., 6 D) broadcastable against x, and
+    `cross` None or the cross-attention to the context tokens (a function of the block's hidden states)."""
+
+    def _cross(self, ctx: torch.Tensor | None, row: torch.Tensor | None = None):
+        """The cross-attention branch for _run: None without context tokens; else h -> its attention to ctx
+        (B, K, D) (h (B, L, D), or (M, D) packed positions of rows `row`)."""
+        if ctx is None:
+            return None
+        if self.cross is None:
+            raise ValueError("context tokens given to a block without cross-attention")
+        keys, values = self.cross.context(ctx)
+        if row is None:
+            return lambda h: self.cross(h, keys, values)
+        return lambda h: self.cross.packed(h, keys, values, row)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, c: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None,
+        ctx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # x (B, L, D); c (B, Dc); key_mask (B, L) bool, optional (Attention.forward)
-        return self._run(x, self.adaLN_modulation(c).unsqueeze(1), lambda h: self.attn(h, rope, key_mask))
+        # x (B, L, D); c (B, Dc); key_mask (B, L) bool, optional (Attention.forward); ctx (B, K, D), optional
+        return self._run(x, self.adaLN_modulation(c).unsqueeze(1), lambda h: self.attn(h, rope, key_mask),
+                         self._cross(ctx))
 
     def forward_kv(self, x, c, kv=None, at: PackedPositions | None = None, key_mask: torch.Tensor | None = None,
-                   inplace: bool = False):
+                   inplace: bool = False, ctx: torch.Tensor | None = None):
         """The block for decoding with reused keys / values -> (x, (keys, values)). kv None: x (B, L, D) is every
         position (Attention.forward_kv). Else x (M, D) holds the packed positions `at` and kv the block's kept
         (keys, values) (Attention.forward_packed); each position gets its row's modulation. key_mask (B, L) bool,
-        optional: the positions each row's queries attend to; inplace: update kv in place (forward_packed)."""
+        optional: the positions each row's queries attend to; inplace: update kv in place (forward_packed); ctx
+        (B, K, D), optional: the context tokens (each packed position attends to its row's)."""
         out = {}
         if kv is None:
             mods = self.adaLN_modulation(c).unsqueeze(1)  # (B, 1, 6D)
+            cross = self._cross(ctx)
 
             def attn(h):
                 a, out["kv"] = self.attn.forward_kv(h, key_mask)
                 return a
         else:
             mods = self.adaLN_modulation(c).index_select(0, at.row)  # (M, 6D)
+            cross = self._cross(ctx, at.row)
 
             def attn(h):
                 a, out["kv"] = self.attn.forward_packed(h, kv, at, key_mask, inplace)
                 return a
 
-        return self._run(x, mods, attn), out["kv"]
+        return self._run(x, mods, attn, cross), out["kv"]
 
 
 class DiTBlock(ModulatedBlock):
     """Pre-LN transformer block with AdaLN-Zero conditioning; the identity while its modulation is zero."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, cond_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, cond_dim: int, dropout: float = 0.0,
+                 cross: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, dropout)
@@ -259,11 +308,16 @@ class DiTBlock(ModulatedBlock):
         self.mlp = Mlp(dim, mlp_hidden, "gelu_tanh")
         self.drop = nn.Dropout(dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+        # pre-LN like the other branches: x + cross(norm(x)), between attention and MLP
+        self.norm_c = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) if cross else None
+        self.cross = CrossAttention(dim, num_heads) if cross else None
 
-    def _run(self, x: torch.Tensor, mods: torch.Tensor, attn) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, mods: torch.Tensor, attn, cross=None) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
         a = self.drop(attn(_modulate(self.norm1(x), shift_a, scale_a)))
         x = torch.addcmul(x, gate_a, a)
+        if cross is not None:
+            x = x + self.drop(cross(self.norm_c(x)))
         m = self.drop(self.mlp(_modulate(self.norm2(x), shift_m, scale_m)))
         x = torch.addcmul(x, gate_m, m)
         return x
@@ -286,6 +340,7 @@ class PretrainedBlock(ModulatedBlock):
         dropout: float = 0.0,
         eps: float = 1e-12,
         act: str = "gelu",
+        cross: bool = False,
     ):
         super().__init__()
         self.attn = Attention(dim, num_heads, dropout)
@@ -294,11 +349,15 @@ class PretrainedBlock(ModulatedBlock):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+        # a + cross(a) after the attention's LayerNorm, before the MLP (zero output at init)
+        self.cross = CrossAttention(dim, num_heads) if cross else None
 
-    def _run(self, x: torch.Tensor, mods: torch.Tensor, attn) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, mods: torch.Tensor, attn, cross=None) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
         a = self.drop(attn(_modulate(x, shift_a, scale_a)))
         x = self.norm1(torch.addcmul(x, 1 + gate_a, a))
+        if cross is not None:
+            x = x + self.drop(cross(x))
         m = self.drop(self.mlp(_modulate(x, shift_m, scale_m)))
         return self.norm2(torch.addcmul(x, 1 + gate_m, m))
 
