@@ -455,7 +455,7 @@ def part_sample(args: argparse.Namespace, sizes: Sizes) -> dict:
         except (ConfigError, OSError) as exc:
             say(f"held-out sentences unavailable ({exc}); using a repeated stand-in sentence")
             held_out = ["The old house stood at the end of the lane, its windows dark."] * 64
-        source = "checkpoint"
+        source = f"checkpoint {args.checkpoint}"  # named in the RESULTS row: rows from two checkpoints differ here
     else:
         cfg = load_cfg(args)
         material = load_material(cfg)

@@ -242,7 +242,7 @@ def test_sample_part_from_a_checkpoint(tiny_corpus, tmp_path, tiny_vocab):
         out = speed.part_sample(args, speed.dataclasses.replace(sizes, e2e_batch=2))
     finally:
         torch.set_num_threads(threads)  # the checkpoint's training.threads=1 applies to this process
-    assert out["model"] == "checkpoint"
+    assert out["model"] == f"checkpoint {tmp_path / 'ck'}"
     assert len(out["grid"]) == 3 * 2 * 2 and all(g["sentences_per_s"] > 0 for g in out["grid"])
     # lengths come from the checkpoint's length head (untrained: the same for every z)
     expected = choose_lengths(net, torch.zeros(1, cfg.model.latent_dim), cfg)
