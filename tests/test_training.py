@@ -59,6 +59,22 @@ def test_train_runs_and_checkpoints(tmp_path, real_sentences):
     assert (result.run_dir / "step-0000003").is_dir() and (result.run_dir / "step-0000006").is_dir()
 
 
+def test_the_logged_loss_is_the_mean_over_the_steps_since_the_last_log_line(tmp_path, real_sentences):
+    # batches are length buckets, so one step's loss swings with its sentences' length; the log line and the
+    # tracker report the window's mean (steps 5-8 here: logged at 1, 4, 8)
+    losses: list = []
+    overrides = tiny_train_overrides(tmp_path, real_sentences[:48]) + [
+        "training.log_every=4", "training.max_steps=8", "training.save_every=0"]
+    result = train(load_config(None, overrides), log_losses=losses)
+    window = [v for s, v in losses if 5 <= s <= 8]
+    assert len(window) == 4 and len({round(v, 6) for v in window}) > 1  # the steps differ, so a mean is testable
+    assert result.last_metrics["train/loss"] == pytest.approx(sum(window) / 4, rel=1e-9)
+    assert result.last_metrics["train/loss"] != pytest.approx(window[-1], rel=1e-9)
+    assert 0.0 <= result.last_metrics["train/acc"] <= 1.0
+    # the diffusion term alone has its own name: it never overwrites the total
+    assert 0.0 < result.last_metrics["train/diffusion_loss"] < result.last_metrics["train/loss"]
+
+
 def test_training_with_the_sampled_softmax_counts_tokens_and_runs(tmp_path, real_sentences, monkeypatch):
     from sgdd.diffusion.masked import MaskedProcess
     draws = []

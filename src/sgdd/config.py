@@ -166,7 +166,7 @@ class TrainingConfig:
     ema_decay: float = 0.999
     precision: str = "auto"  # auto | bf16 | fp32 (see sgdd.precision: bf16 is ~400x slower on AVX2-only CPUs)
     seed: int = 0
-    log_every: int = 50
+    log_every: int = 50  # steps per log line; its loss and metrics are means over those steps (batches vary in length)
     eval_every: int = 1000
     save_every: int = 1000
     keep_last: int = 2  # step checkpoints kept besides latest/ and best/

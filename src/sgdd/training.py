@@ -552,6 +552,10 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     nonfinite = 0
     last_metrics: dict = {}
     window_sent, window_tok, window_t = 0, 0, time.monotonic()
+    # the log line and the tracker report means over the steps since the last log line: batches are length
+    # buckets, so one step's loss swings with its sentences' length (a trained fiction model, 256-row batches of
+    # valid.txt: loss 3.5 at 5-10 tokens, 10.0 at 36-63; bench/RESULTS.md "Thirty-eighth round")
+    window_steps, window_loss, window_metrics = 0, 0.0, {}
     batches = _forever(bucket)
     net.train()
     try:
@@ -612,6 +616,10 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
             step += 1
             if log_losses is not None:
                 log_losses.append((step, step_loss))
+            window_steps += 1
+            window_loss += step_loss
+            for k, v in step_metrics.items():
+                window_metrics[k] = window_metrics.get(k, 0.0) + v
             bar.update(1)
 
             if tc.heap_trim_every > 0 and step % tc.heap_trim_every == 0:
@@ -619,22 +627,28 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
             if d.main and (step % tc.log_every == 0 or step == 1):
                 now = time.monotonic()
                 dt = max(1e-9, now - window_t)
-                last_metrics = {"train/loss": step_loss, "train/lr": lr, "train/kl_weight": klw,
+                mean_loss = window_loss / window_steps
+                # the process's own "loss" (the diffusion term alone) is logged as diffusion_loss; "loss" is the
+                # total that is optimised (+ KL, bag-of-words and length terms), as on the log line
+                mean_metrics = {("diffusion_loss" if k == "loss" else k): v / window_steps
+                                for k, v in window_metrics.items()}
+                last_metrics = {"train/loss": mean_loss, "train/lr": lr, "train/kl_weight": klw,
                                 "train/grad_norm": float(gnorm),
                                 "train/sentences_per_s": window_sent * d.world / dt,
                                 "train/tokens_per_s": window_tok * d.world / dt,
-                                **{f"train/{k}": v for k, v in step_metrics.items()}}
+                                **{f"train/{k}": v for k, v in mean_metrics.items()}}
                 rss = resident_mb()
                 if rss is not None:
                     last_metrics["train/rss_mb"] = rss
                 window_sent, window_tok, window_t = 0, 0, now
+                window_steps, window_loss, window_metrics = 0, 0.0, {}
                 elapsed = elapsed_before + (now - t_start)
                 remaining = _eta(step, tc.max_steps, elapsed, budget_s)
-                line = (f"step {step} | loss {step_loss:.4f} | acc {step_metrics.get('acc', float('nan')):.3f} | "
-                        f"kl {step_metrics.get('kl', 0.0):.2f} | bow_rec {step_metrics.get('bow_recall', float('nan')):.3f} | "
-                        f"len_acc {step_metrics.get('len_acc', float('nan')):.3f} | "
-                        + (f"hyp_acc {step_metrics['hyp_acc']:.3f} | corr_ce {step_metrics['corrector_ce']:.3f} | "
-                           if "hyp_acc" in step_metrics else "")
+                line = (f"step {step} | loss {mean_loss:.4f} | acc {mean_metrics.get('acc', float('nan')):.3f} | "
+                        f"kl {mean_metrics.get('kl', 0.0):.2f} | bow_rec {mean_metrics.get('bow_recall', float('nan')):.3f} | "
+                        f"len_acc {mean_metrics.get('len_acc', float('nan')):.3f} | "
+                        + (f"hyp_acc {mean_metrics['hyp_acc']:.3f} | corr_ce {mean_metrics['corrector_ce']:.3f} | "
+                           if "hyp_acc" in mean_metrics else "")
                         + f"lr {lr:.2e} | "
                         f"{last_metrics['train/sentences_per_s']:.1f} sent/s | "
                         f"{last_metrics['train/tokens_per_s']:.0f} tok/s | "
