@@ -291,6 +291,9 @@ def test_quality_smoke(tiny_corpus, tmp_path):
     assert len(rows) == 1 and "bench/quality.py" in rows[0]
     out = json.loads(out_json.read_text())
     assert out["steps"] > 0 and out["plain"] and out["rerank"] and out["refine"]
+    # the training rate is the whole loop's mean (sentences / loop seconds), in the row's budget cell too
+    assert 0 < out["train_sentences_per_s"] < float("inf")
+    assert f"{out['steps']} steps, {out['train_sentences_per_s']:.1f} sent/s" in rows[0]
     assert out["refine_settings"] == {"rounds": 1, "candidates": 2}
     # what src/train.py runs with: tcmalloc where installed (preloaded), else glibc's malloc, tuned
     assert out["allocator"] == expected_allocator()

@@ -73,6 +73,9 @@ def test_the_logged_loss_is_the_mean_over_the_steps_since_the_last_log_line(tmp_
     assert 0.0 <= result.last_metrics["train/acc"] <= 1.0
     # the diffusion term alone has its own name: it never overwrites the total
     assert 0.0 < result.last_metrics["train/diffusion_loss"] < result.last_metrics["train/loss"]
+    # the whole loop's count and time (bench/quality.py's training rate): 8 steps of at most 8 rows (buckets can
+    # leave a batch short), at least one row each
+    assert result.step <= result.loop_sentences <= 8 * result.step and result.loop_seconds > 0
 
 
 def test_training_with_the_sampled_softmax_counts_tokens_and_runs(tmp_path, real_sentences, monkeypatch):

@@ -379,6 +379,11 @@ class TrainResult:
     step: int
     best_bleu: float
     last_metrics: dict
+    # this call's main loop (latent pre-training and setup excluded; evaluations and saves in it included): sentences
+    # trained on all ranks and wall-clock seconds, so sentences / seconds is the run's mean rate (last_metrics' rate
+    # covers only the last log window)
+    loop_sentences: int = 0
+    loop_seconds: float = 0.0
 
 
 def _rng_state() -> dict[str, Any]:
@@ -556,6 +561,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     # buckets, so one step's loss swings with its sentences' length (a trained fiction model, 256-row batches of
     # valid.txt: loss 3.5 at 5-10 tokens, 10.0 at 36-63; bench/RESULTS.md "Thirty-eighth round")
     window_steps, window_loss, window_metrics = 0, 0.0, {}
+    loop_sentences = 0
     batches = _forever(bucket)
     net.train()
     try:
@@ -597,6 +603,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                     step_metrics[k] = step_metrics.get(k, 0.0) + v / tc.grad_accum
                 window_sent += x0.shape[0]
                 window_tok += x0.numel()
+                loop_sentences += x0.shape[0] * d.world
             clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
             gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
             ok = not any_rank(not (ok and bool(torch.isfinite(gnorm))), d)
@@ -671,6 +678,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                 save("step")
                 barrier(d)
         bar.close()
+        loop_seconds = time.monotonic() - t_start
         if stop["signal"] is not None and d.main:
             log.warning("received signal %d: saving %s/latest and stopping", stop["signal"], run_dir)
         if d.main and tc.eval_every > 0 and step % tc.eval_every != 0 and stop["signal"] is None:
@@ -682,7 +690,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
             signal.signal(s, h)
     tracker.summary({"best_bleu": best_bleu, "step": step})
     tracker.finish()
-    return TrainResult(run_dir, step, best_bleu, last_metrics)
+    return TrainResult(run_dir, step, best_bleu, last_metrics, loop_sentences, loop_seconds)
 
 
 def _forever(bucket):
