@@ -65,7 +65,8 @@ def test_the_logged_loss_is_the_mean_over_the_steps_since_the_last_log_line(tmp_
     losses: list = []
     overrides = tiny_train_overrides(tmp_path, real_sentences[:48]) + [
         "training.log_every=4", "training.max_steps=8", "training.save_every=0"]
-    result = train(load_config(None, overrides), log_losses=losses)
+    cfg = load_config(None, overrides)
+    result = train(cfg, log_losses=losses)
     window = [v for s, v in losses if 5 <= s <= 8]
     assert len(window) == 4 and len({round(v, 6) for v in window}) > 1  # the steps differ, so a mean is testable
     assert result.last_metrics["train/loss"] == pytest.approx(sum(window) / 4, rel=1e-9)
@@ -73,6 +74,16 @@ def test_the_logged_loss_is_the_mean_over_the_steps_since_the_last_log_line(tmp_
     assert 0.0 <= result.last_metrics["train/acc"] <= 1.0
     # the diffusion term alone has its own name: it never overwrites the total
     assert 0.0 < result.last_metrics["train/diffusion_loss"] < result.last_metrics["train/loss"]
+    # validation uses the same name (sgdd.training.TrainStep renames the process's "loss")
+    from sgdd.api import SGDD
+    from sgdd.data import make_batch
+    from sgdd.training import TrainStep, validation_loss
+
+    model = SGDD.from_pretrained(result.run_dir / "latest", device="cpu")
+    texts = real_sentences[:2]
+    x0 = make_batch([model.vocab.encode(t) for t in texts], cfg.data.max_length)
+    val = validation_loss(TrainStep(model.net, model.process, model.vocab.PAD), [(x0, model.encode(texts))], cfg)
+    assert val["val/diffusion_loss"] > 0 and "val/loss" not in val
     # the whole loop's count and time (bench/quality.py's training rate): 8 steps of at most 8 rows (buckets can
     # leave a batch short), at least one row each
     assert result.step <= result.loop_sentences <= 8 * result.step and result.loop_seconds > 0

@@ -234,6 +234,8 @@ class TrainStep(nn.Module):
         kl_mean = kl.mean()
         total = loss + kl_weight * kl_mean
         metrics = dict(metrics)
+        # the process's "loss" is the diffusion term alone; "loss" in the logs is the total optimised here
+        metrics["diffusion_loss"] = metrics.pop("loss")
         metrics["kl"] = float(kl_mean.detach())
         dec = self.net.decoder
         if getattr(dec, "bow_mlp", None) is not None:
@@ -635,10 +637,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                 now = time.monotonic()
                 dt = max(1e-9, now - window_t)
                 mean_loss = window_loss / window_steps
-                # the process's own "loss" (the diffusion term alone) is logged as diffusion_loss; "loss" is the
-                # total that is optimised (+ KL, bag-of-words and length terms), as on the log line
-                mean_metrics = {("diffusion_loss" if k == "loss" else k): v / window_steps
-                                for k, v in window_metrics.items()}
+                mean_metrics = {k: v / window_steps for k, v in window_metrics.items()}
                 last_metrics = {"train/loss": mean_loss, "train/lr": lr, "train/kl_weight": klw,
                                 "train/grad_norm": float(gnorm),
                                 "train/sentences_per_s": window_sent * d.world / dt,
