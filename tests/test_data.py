@@ -394,6 +394,38 @@ def test_bucket_sampler_resumes_exactly():
         LengthBucketSampler(lengths[:-1], 16, seed=2).load_state_dict(state)
 
 
+def test_bucket_sampler_resumes_across_world_sizes():
+    """A torchrun job's sampler state resumes on another number of processes at the same place in the epoch's
+    global batch order: nothing repeated, fewer than world_size batches skipped."""
+    lengths = _lengths(1003)
+    glob = LengthBucketSampler(lengths, 8, seed=0).batches(0)  # one process: every global batch, in order
+    # two ranks took 5 batches each (global batches 0-9); one process goes on from global batch 10
+    two = [LengthBucketSampler(lengths, 8, seed=0, rank=r, world_size=2) for r in range(2)]
+    for s in two:
+        it = iter(s)
+        for _ in range(5):
+            next(it)
+    one = LengthBucketSampler(lengths, 8, seed=0)
+    one.load_state_dict(two[0].state_dict())
+    assert list(one) == glob[10:]
+    # one process took 7 (global 0-6); rank r of two goes on at global 8 + r, 10 + r, ... (7 skipped)
+    single = LengthBucketSampler(lengths, 8, seed=0)
+    it = iter(single)
+    for _ in range(7):
+        next(it)
+    for r in range(2):
+        s = LengthBucketSampler(lengths, 8, seed=0, rank=r, world_size=2)
+        s.load_state_dict(single.state_dict())
+        rest = list(s)
+        assert rest[0] == glob[8 + r] and rest[1] == glob[10 + r]
+        assert not any(b in glob[:7] for b in rest)
+    # a position past this world size's epoch starts the next epoch
+    late = LengthBucketSampler(lengths, 8, seed=0, rank=0, world_size=3)
+    late.load_state_dict({**single.state_dict(), "pos": len(single)})
+    assert late.pos == len(late) and list(late) == LengthBucketSampler(lengths, 8, seed=0, rank=0,
+                                                                        world_size=3).batches(1)
+
+
 @pytest.mark.parametrize("bucket,drop_last", [(True, False), (True, True), (False, False), (False, True)])
 def test_bucket_sampler_shards_for_ddp(bucket, drop_last):
     lengths = _lengths(1003)

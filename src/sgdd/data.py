@@ -724,13 +724,21 @@ class LengthBucketSampler:
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("num_samples", "batch_size", "world_size", "seed"):
+        """Resume at the saved epoch and position. A state saved with another world size (a torchrun job resumed
+        on a different number of processes) resumes at the same place in the epoch's global batch order: the
+        batches the old ranks had taken, rounded up to whole rounds of this world size (fewer than world_size
+        batches of that epoch are skipped, none repeated)."""
+        for key in ("num_samples", "batch_size", "seed"):
             mine = {"num_samples": len(self.lengths)}.get(key, getattr(self, key, None))
             if key in state and state[key] != mine:
                 raise ValueError(
                     f"sampler state has {key}={state[key]}, this sampler has {mine}: cannot resume"
                 )
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        old_world = int(state.get("world_size", self.world_size))
+        if old_world != self.world_size:
+            taken = self.pos * old_world  # global batches of this epoch handed out across the old ranks
+            self.pos = min(len(self), -(-taken // self.world_size))
 
 
 __all__ = [

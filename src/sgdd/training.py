@@ -265,6 +265,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # setup_distributed created the process group (and train() ends it)
 
     @property
     def main(self) -> bool:
@@ -275,13 +276,14 @@ def setup_distributed() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    return Dist(dist.get_rank(), dist.get_world_size(), local)
+    return Dist(dist.get_rank(), dist.get_world_size(), local, owns)
 
 
 def barrier(d: Dist) -> None:
@@ -475,6 +477,11 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
         optimizer.load_state_dict(ts["optimizer"])
         ema.load(ckpt.ema_state, ts["ema_updates"])
         bucket.load_state_dict(ts["sampler"])
+        saved_world = int(ts["sampler"].get("world_size", d.world))
+        if saved_world != d.world and d.main:
+            log.warning("resuming a run saved with %d processes on %d: the global batch is now %d sentences (was %d); "
+                        "the data goes on from the same place in the epoch", saved_world, d.world,
+                        tc.batch_size * tc.grad_accum * d.world, tc.batch_size * tc.grad_accum * saved_world)
         step, elapsed_before, best_bleu = ts["step"], ts["elapsed"], ts["best_bleu"]
         if "rng" in ts and d.world == 1:
             _set_rng_state(ts["rng"])
@@ -633,7 +640,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
 
             if tc.heap_trim_every > 0 and step % tc.heap_trim_every == 0:
                 trim_heap()  # every rank: its own heap (sgdd.cli.trim_heap)
-            if d.main and (step % tc.log_every == 0 or step == 1):
+            at_log = step % tc.log_every == 0 or step == 1
+            if d.main and at_log:
                 now = time.monotonic()
                 dt = max(1e-9, now - window_t)
                 mean_loss = window_loss / window_steps
@@ -646,8 +654,7 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                 rss = resident_mb()
                 if rss is not None:
                     last_metrics["train/rss_mb"] = rss
-                window_sent, window_tok, window_t = 0, 0, now
-                window_steps, window_loss, window_metrics = 0, 0.0, {}
+                window_t = now
                 elapsed = elapsed_before + (now - t_start)
                 remaining = _eta(step, tc.max_steps, elapsed, budget_s)
                 line = (f"step {step} | loss {mean_loss:.4f} | acc {mean_metrics.get('acc', float('nan')):.3f} | "
@@ -666,6 +673,9 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                 else:
                     log.info(line)
                 tracker.log(last_metrics, step)
+            if at_log:  # every rank: only the main one reports, the others' sums would grow without bound
+                window_steps, window_loss, window_metrics = 0, 0.0, {}
+                window_sent, window_tok = 0, 0
 
             if tc.eval_every > 0 and step % tc.eval_every == 0:
                 if d.main:
@@ -689,6 +699,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
             signal.signal(s, h)
     tracker.summary({"best_bleu": best_bleu, "step": step})
     tracker.finish()
+    if d.owns_group:
+        dist.destroy_process_group()
     return TrainResult(run_dir, step, best_bleu, last_metrics, loop_sentences, loop_seconds)
 
 
