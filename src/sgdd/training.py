@@ -266,6 +266,9 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     owns_group: bool = False  # setup_distributed created the process group (and train() ends it)
+    # where the small control tensors of any_rank / agree_time / gather_objects live: CPU (gloo, or the CPU half of
+    # the "cpu:gloo,cuda:nccl" group setup_distributed creates), the GPU for a group someone else made NCCL-only
+    coll_device: str = "cpu"
 
     @property
     def main(self) -> bool:
@@ -277,13 +280,19 @@ def setup_distributed() -> Dist:
     if world <= 1:
         return Dist()
     owns = not dist.is_initialized()
-    if owns:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    return Dist(dist.get_rank(), dist.get_world_size(), local, owns)
+    if owns:
+        # NCCL only takes CUDA tensors: the loop's control flags and the RNG states go through gloo on the CPU
+        dist.init_process_group(backend=process_group_backend(torch.cuda.is_available()))
+    coll = f"cuda:{local}" if str(dist.get_backend()) == "nccl" else "cpu"
+    return Dist(dist.get_rank(), dist.get_world_size(), local, owns, coll)
+
+
+def process_group_backend(cuda: bool) -> str:
+    """The backend setup_distributed asks for: gradients over NCCL and CPU tensors over gloo on GPUs, gloo on CPUs."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def barrier(d: Dist) -> None:
@@ -295,9 +304,35 @@ def any_rank(flag: bool, d: Dist) -> bool:
     """True on every rank if `flag` is true on any rank (one tiny all-reduce)."""
     if d.world <= 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=d.coll_device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def agree_time(flag: bool, elapsed: float, d: Dist) -> tuple[bool, float]:
+    """(any rank's flag, the largest elapsed time) on every rank, in one all-reduce: the ranks stop together and
+    compute the same learning rate from the same time (DDP applies the same gradients on every rank, so the
+    weights stay identical only if the learning rate is too)."""
+    if d.world <= 1:
+        return flag, elapsed
+    t = torch.tensor([1.0 if flag else 0.0, elapsed], dtype=torch.float64, device=d.coll_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0].item() > 0), float(t[1].item())
+
+
+def weights_checksum(net: nn.Module) -> float:
+    """Sum of all parameters in float64: equal on ranks whose weights are equal (DDP keeps them bit-identical)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in net.parameters()))
+
+
+def gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if d.world <= 1:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,7 +472,9 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     net = build_net(cfg, len(vocab), data.encoder_dim, vocab.encoder_ids, pretrained).to(device)
     del pretrained
     pretrain_metrics, pretrain_seconds = {}, 0.0
-    if ckpt is None and cfg.training.latent_pretrain_steps > 0:
+    if ckpt is None and cfg.training.latent_pretrain_steps > 0 and d.main:
+        # rank 0 only: DistributedDataParallel hands its weights to the other ranks below, and the clocks agree
+        # through agree_time, so the others wait instead of repeating the same work on the same cores
         pretrain_metrics = pretrain_latent(net, data.train_tokens, data.train_emb, vocab.PAD, cfg, device,
                                            seed=cfg.training.seed)
         pretrain_seconds = pretrain_metrics["pretrain/seconds"]
@@ -483,8 +520,13 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                         "the data goes on from the same place in the epoch", saved_world, d.world,
                         tc.batch_size * tc.grad_accum * d.world, tc.batch_size * tc.grad_accum * saved_world)
         step, elapsed_before, best_bleu = ts["step"], ts["elapsed"], ts["best_bleu"]
-        if "rng" in ts and d.world == 1:
-            _set_rng_state(ts["rng"])
+        if saved_world == d.world and d.world > 1 and "rng_ranks" in ts:
+            _set_rng_state(ts["rng_ranks"][d.rank])
+        elif "rng" in ts and d.world == 1:
+            _set_rng_state(ts["rng"])  # rank 0's (a run saved on several processes: their RNG streams differ)
+        elif d.main:
+            log.warning("the random streams start afresh (the checkpoint holds none for %d processes): the run does "
+                        "not repeat bit for bit what an uninterrupted one would have drawn", d.world)
         if d.main:
             log.info("resumed from %s at step %d", ckpt.path, step)
 
@@ -519,6 +561,14 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def save(kind: str, metrics: dict | None = None) -> None:
+        # every rank's RNG (all ranks call save for "step" and "final"; "best" comes from rank 0 alone and keeps no
+        # training state)
+        rngs = gather_objects(_rng_state(), d) if kind != "best" else []
+        if kind != "best" and d.world > 1:
+            sums = gather_objects(weights_checksum(net), d)
+            if d.main and len(set(sums)) > 1:
+                log.warning("step %d: the ranks' weights differ (checksums %s); DistributedDataParallel keeps them "
+                            "identical, so something rank-specific changed them: please report this", step, sums)
         if not d.main:
             return
         state = {
@@ -530,6 +580,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
             "best_bleu": best_bleu,
             "rng": _rng_state(),
         }
+        if d.world > 1:
+            state["rng_ranks"] = rngs
         meta = {"step": step, "kind": kind, "metrics": metrics or {}, "run_name": tc.run_name}
         kwargs = dict(config=cfg, model_state=net.state_dict(), ema_state=ema.state_dict(net),
                       vocab_file=data.vocab_path, meta=meta)
@@ -580,8 +632,8 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
                    dynamic_ncols=True, desc="train")
         while True:
             elapsed = elapsed_before + (time.monotonic() - t_start)
-            done = step >= tc.max_steps or (budget_s > 0 and elapsed >= budget_s) or stop["signal"] is not None
-            if any_rank(done, d):
+            halt, elapsed = agree_time(step >= tc.max_steps or stop["signal"] is not None, elapsed, d)
+            if halt or (budget_s > 0 and elapsed >= budget_s):
                 break
             progress = max(step / tc.max_steps, elapsed / budget_s if budget_s > 0 else 0.0)
             lr = tc.lr * lr_factor(step, progress, tc.warmup_steps, tc.min_lr_ratio)
