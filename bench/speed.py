@@ -646,8 +646,12 @@ def summarise(res: dict, sizes: Sizes) -> dict:
     head = HEADLINE_STEPS if HEADLINE_STEPS in sizes.sample_steps else max(sizes.sample_steps)
     cfg_rate = pick(grid, "maskgit", head, CFG_SCALE, big)
     plain_rate = pick(grid, "maskgit", head, 1.0, big)
-    # the precision training uses here (precision: auto): bf16 where its peak beats fp32's, else fp32
-    auto = "bf16" if peak_bf16 * BF16_SLOW_RATIO > peak_fp32 else "fp32"
+    # the precision training uses here (precision: auto): bf16 where its peak beats fp32's, else fp32; "-" when
+    # the peaks were not measured (--parts without peak)
+    if math.isnan(peak_bf16) or math.isnan(peak_fp32):
+        auto = "-"
+    else:
+        auto = "bf16" if peak_bf16 * BF16_SLOW_RATIO > peak_fp32 else "fp32"
     trained = bf if auto == "bf16" else fp
     return {
         "train_precision": auto,

@@ -460,3 +460,13 @@ def test_profile_sampling_smoke(tiny_checkpoint, tmp_path):
                                                          "--against")):
         bad = subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
         assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_speed_summary_names_no_training_precision_without_the_peaks():
+    """`--parts sample` measures no matmul peak: the summary must not claim the machine trains in fp32."""
+    speed = _load_speed_module()
+    grid = [{"sampler": "maskgit", "steps": 16, "cfg_scale": 1.5, "batch": 64, "sentences_per_s": 70.0}]
+    summary = speed.summarise({"sample": {"grid": grid}}, speed.Sizes())
+    assert summary["train_precision"] == "-"
+    peaks = {"peak_bf16_gflops": 900.0, "peak_fp32_gflops": 200.0}
+    assert speed.summarise({"peak": peaks, "sample": {"grid": grid}}, speed.Sizes())["train_precision"] == "bf16"
