@@ -561,14 +561,20 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def save(kind: str, metrics: dict | None = None) -> None:
-        # every rank's RNG (all ranks call save for "step" and "final"; "best" comes from rank 0 alone and keeps no
-        # training state)
-        rngs = gather_objects(_rng_state(), d) if kind != "best" else []
-        if kind != "best" and d.world > 1:
-            sums = gather_objects(weights_checksum(net), d)
-            if d.main and len(set(sums)) > 1:
-                log.warning("step %d: the ranks' weights differ (checksums %s); DistributedDataParallel keeps them "
-                            "identical, so something rank-specific changed them: please report this", step, sums)
+        def weights(meta_kind: str) -> dict:
+            meta = {"step": step, "kind": meta_kind, "metrics": metrics or {}, "run_name": tc.run_name}
+            return dict(config=cfg, model_state=net.state_dict(), ema_state=ema.state_dict(net),
+                        vocab_file=data.vocab_path, meta=meta)
+
+        if kind == "best":  # rank 0 alone (from evaluate_now), no training state
+            save_checkpoint(run_dir / "best", **weights(kind))
+            return
+        # "step" and "final": every rank calls save; one gather brings each rank's RNG and weight checksum to all
+        ranks = gather_objects((_rng_state(), weights_checksum(net) if d.world > 1 else 0.0), d)
+        sums = [checksum for _, checksum in ranks]
+        if d.main and len(set(sums)) > 1:
+            log.warning("step %d: the ranks' weights differ (checksums %s); DistributedDataParallel keeps them "
+                        "identical, so something rank-specific changed them: please report this", step, sums)
         if not d.main:
             return
         state = {
@@ -578,16 +584,11 @@ def train(cfg: Config, log_losses: list | None = None) -> TrainResult:
             "step": step,
             "elapsed": elapsed_before + (time.monotonic() - t_start),
             "best_bleu": best_bleu,
-            "rng": _rng_state(),
+            "rng": ranks[0][0],  # rank 0's (this process's)
         }
         if d.world > 1:
-            state["rng_ranks"] = rngs
-        meta = {"step": step, "kind": kind, "metrics": metrics or {}, "run_name": tc.run_name}
-        kwargs = dict(config=cfg, model_state=net.state_dict(), ema_state=ema.state_dict(net),
-                      vocab_file=data.vocab_path, meta=meta)
-        if kind == "best":
-            save_checkpoint(run_dir / "best", **kwargs)
-            return
+            state["rng_ranks"] = [rng for rng, _ in ranks]
+        kwargs = weights(kind)
         save_checkpoint(run_dir / "latest", train_state=state, **kwargs)
         if kind == "step" and tc.keep_last > 0:
             save_checkpoint(run_dir / f"step-{step:07d}", train_state=state, **kwargs)
