@@ -9,9 +9,11 @@ import torch
 
 from sgdd.config import _CHOICES, Config
 from sgdd.diffusion.base import NOISES, PROCESSES, build_process
+from sgdd.diffusion.schedules import CosineSchedule
 from sgdd.diffusion.score_entropy import (
     GRAPHS,
     MASK_ID,
+    CosineNoise,
     GeometricNoise,
     LogLinearNoise,
     ScoreEntropyProcess,
@@ -210,7 +212,7 @@ def test_tweedie_step_is_exact_for_true_scores(name):
 # noises
 
 
-@pytest.mark.parametrize("noise", [LogLinearNoise(1e-3), GeometricNoise(1e-4, 20.0)])
+@pytest.mark.parametrize("noise", [LogLinearNoise(1e-3), CosineNoise(1e-3), GeometricNoise(1e-4, 20.0)])
 def test_noise_monotone_rate_is_derivative_and_inverse(noise):
     t = torch.linspace(0.001, 0.999, 500, dtype=torch.float64)
     total, rate = noise(t)
@@ -230,6 +232,26 @@ def test_noise_endpoints():
     geo = GeometricNoise(1e-4, 20.0)
     assert math.isclose(float(geo.total(torch.tensor(0.0, dtype=torch.float64))), 1e-4, rel_tol=1e-9)
     assert math.isclose(float(geo.total(torch.tensor(1.0, dtype=torch.float64))), 20.0, rel_tol=1e-9)
+
+
+def test_cosine_noise_masks_as_the_cosine_schedule():
+    """On the absorbing graph the cosine noise's masked fraction is (1 - eps) x the masked process's cosine mask
+    probability, and its loss weight sigma(t) / (e^sigma_bar - 1) is the cosine schedule's ELBO weight."""
+    eps = 1e-3
+    noise, sched = CosineNoise(eps), CosineSchedule()
+    t = torch.linspace(0.001, 1.0, 400, dtype=torch.float64)
+    total, rate = noise(t)
+    assert torch.allclose(-torch.expm1(-total), (1 - eps) * sched.mask_prob(t), rtol=1e-10, atol=1e-14)
+    assert torch.allclose(rate / torch.expm1(total), sched.weight(t), rtol=1e-9)
+    assert math.isclose(float(noise.total(torch.tensor(1.0, dtype=torch.float64))), -math.log(eps), rel_tol=1e-9)
+    assert float(noise.total(torch.tensor(0.0))) == 0.0
+    assert float(noise.t_of_total(torch.tensor(0.0))) == 0.0
+    # accurate at small t (no 1 - cos cancellation): the masked fraction ~ (1 - eps)(pi t)^2 / 8
+    small = torch.tensor([1e-4], dtype=torch.float32)
+    want = (1 - eps) * (math.pi * 1e-4) ** 2 / 8
+    assert math.isclose(float(noise.total(small)), want, rel_tol=1e-4)
+    with pytest.raises(ConfigError, match="eps"):
+        CosineNoise(0.0)
 
 
 def test_registries_match_config_choices():
@@ -272,7 +294,8 @@ def make_cfg(graph, noise="loglinear"):
 
 
 @pytest.mark.parametrize(
-    "graph,noise", [("absorbing", "loglinear"), ("uniform", "geometric"), ("uniform", "loglinear")]
+    "graph,noise",
+    [("absorbing", "loglinear"), ("absorbing", "cosine"), ("uniform", "geometric"), ("uniform", "loglinear")],
 )
 def test_process_loss_runs_backward(graph, noise):
     torch.manual_seed(0)

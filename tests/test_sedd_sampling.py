@@ -138,7 +138,8 @@ def test_uniform_sampler_returns_valid_tokens(sampler, noise):
 
 
 @pytest.mark.parametrize(
-    "graph,noise", [("absorbing", "loglinear"), ("absorbing", "geometric"), ("uniform", "geometric")]
+    "graph,noise",
+    [("absorbing", "loglinear"), ("absorbing", "cosine"), ("absorbing", "geometric"), ("uniform", "geometric")],
 )
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("steps,greedy", [(1, True), (4, True), (16, False)])
@@ -364,7 +365,7 @@ def test_row_widths_give_each_row_its_own_width(sampler, scale):
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("noise", ["loglinear", "geometric"])
+@pytest.mark.parametrize("noise", ["loglinear", "cosine", "geometric"])
 def test_absorbing_loop_draws_what_the_transition_probabilities_say(sampler, noise):
     """On the absorbing graph the loop draws 'unmask with move_prob, then a token from p(x0 | x_t)' instead of
     building each masked position's (V,) transition probabilities (step_probs): the two agree on the move

@@ -96,7 +96,7 @@ class DiffusionConfig:
     corrector_weight: float = 1.0
     # score-entropy process (SEDD)
     graph: str = "absorbing"  # absorbing | uniform
-    noise: str = "loglinear"  # loglinear | geometric
+    noise: str = "loglinear"  # loglinear | cosine | geometric
     sigma_min: float = 1.0e-4
     sigma_max: float = 20.0
     eps: float = 1.0e-3  # t is drawn from [eps, 1]
@@ -450,7 +450,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     # these three mirror registries in sgdd.diffusion (a test keeps them in sync)
     "diffusion.schedule": ("cosine", "loglinear", "sine"),
     "diffusion.graph": ("absorbing", "uniform"),
-    "diffusion.noise": ("loglinear", "geometric"),
+    "diffusion.noise": ("loglinear", "cosine", "geometric"),
     "data.source": ("wiki_sample", "text", "disk", "bookcorpus"),
     "encoder.backend": ("transformers", "flag"),
     "encoder.pooling": ("mean", "cls"),
