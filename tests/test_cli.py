@@ -330,8 +330,9 @@ def test_decoding_flags_map_onto_sampling_fields():
     add_decoding_flags(ap)
     given = decoding_overrides(ap.parse_args(["--steps", "8", "--cfg-scale", "1.0", "--repeat-penalty", "2.5",
                                               "--shortlist", "64", "--kv-refresh", "6",
-                                              "--guidance-refresh", "4", "--unmask-schedule", "linear"]))
-    assert given["unmask_schedule"] == "linear"
+                                              "--guidance-refresh", "4", "--unmask-schedule", "linear",
+                                              "--time-grid", "masked"]))
+    assert given["unmask_schedule"] == "linear" and given["time_grid"] == "masked"
     assert given["shortlist"] == 64 and given["kv_refresh"] == 6 and given["guidance_refresh"] == 4
     fields = {f.name for f in dataclasses.fields(SamplingConfig)}
     assert set(given) <= fields  # every flag names a real SamplingConfig field

@@ -523,3 +523,54 @@ def test_maskgit_decodes_sedd_weights_with_row_widths_reuse_and_shortlist(fields
     for b in range(3):
         alone = sampler.sample(dec, proc, z[b : b + 1], lengths[b : b + 1], 1.5)
         assert torch.equal(out[b, : alone.shape[1]], alone[0]), b
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling.time_grid
+
+
+def test_time_grid_masked_is_uniform_in_the_masked_fraction():
+    from sgdd.sampling.euler import time_grid
+
+    proc = ScoreEntropyProcess(make_cfg("absorbing", "cosine"), vocab_size=8)
+    K = 9
+    uni, msk = time_grid(proc, K, "uniform"), time_grid(proc, K, "masked")
+    assert len(msk) == K and msk[0] == 1.0 and msk[-1] == uni[-1]
+    assert all(a > b for a, b in zip(msk[:-1], msk[1:], strict=True))
+    frac = -torch.expm1(-proc.noise.total(torch.tensor(msk, dtype=torch.float64)))
+    assert torch.allclose(frac.diff(), frac.diff().mean().expand(K - 1), rtol=1e-6)
+    # cosine noise on a uniform t grid unmasks more in the first step than in the last; the masked grid does not
+    frac_uni = -torch.expm1(-proc.noise.total(torch.tensor(uni, dtype=torch.float64)))
+    assert -frac_uni.diff()[0] > 3 * -frac_uni.diff()[-1]
+    # loglinear noise: the masked fraction is linear in t, so the grids agree
+    ll = ScoreEntropyProcess(make_cfg("absorbing", "loglinear"), vocab_size=8)
+    assert torch.allclose(torch.tensor(time_grid(ll, K, "masked")), torch.tensor(time_grid(ll, K, "uniform")))
+    assert time_grid(proc, 1, "masked") == time_grid(proc, 1, "uniform")
+    with pytest.raises(ConfigError, match="time_grid"):
+        time_grid(proc, K, "log")
+    with pytest.raises(ConfigError, match="uniform, masked"):
+        config_from_dict({"sampling": {"time_grid": "log"}})
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_time_grid_masked_decodes(sampler):
+    """Exact scores still reconstruct a point mass on the masked grid (cosine noise); under loglinear noise the
+    masked grid decodes exactly as the uniform one (same seed, same outputs)."""
+    V, L, n = 10, 8, 5
+    gen = torch.Generator().manual_seed(2)
+    targets = random_targets(n, L, V, gen)
+    z = torch.zeros(n, 3)
+    z[:, 0] = torch.arange(n)
+    cfg = make_cfg("absorbing", "cosine", sampler, 6, greedy=False)
+    cfg.sampling.time_grid = "masked"
+    proc = ScoreEntropyProcess(cfg, vocab_size=V)
+    x = build_sampler(cfg).sample(Oracle(targets, proc, V), proc, z, torch.full((n,), L), 1.0, gen)
+    assert torch.equal(x, targets)
+    outs = []
+    for grid in ("uniform", "masked"):
+        cfg = make_cfg("absorbing", "loglinear", sampler, 6, greedy=False)
+        cfg.sampling.time_grid = grid
+        proc = ScoreEntropyProcess(cfg, vocab_size=V)
+        outs.append(build_sampler(cfg).sample(RandomModel(V, L), proc, torch.randn(3, 4, generator=torch.Generator().manual_seed(0)),
+                                              torch.tensor([8, 5, 3]), 1.5, torch.Generator().manual_seed(4)))
+    assert torch.equal(outs[0], outs[1])

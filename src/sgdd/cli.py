@@ -208,6 +208,9 @@ _DECODING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--unmask-schedule", "unmask_schedule", str,
      "MaskGIT: how many positions stay masked after each step, cosine | linear (equal shares, the masked "
      "fractions of score-entropy training); default: the checkpoint's"),
+    ("--time-grid", "time_grid", str,
+     "euler / analytic: uniform (in t) | masked (uniform in the masked fraction: equal unmasking shares per step); "
+     "default: the checkpoint's"),
     ("--rerank", "rerank", int, "best of K decodes by re-embedding cosine (reconstruct)"),
     ("--refine", "refine", int, "rounds of encoder-guided refinement after decoding (reconstruct; 0 = off)"),
     ("--length-quantile", "length_quantile", float,

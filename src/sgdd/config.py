@@ -212,6 +212,9 @@ class SamplingConfig:
     # 1,000 held-out sentences: within 0.2 BLEU of each other on SEDD weights; linear +0.04 to +0.30 on three masked
     # models with the fiction config's knobs, which ship it (bench/RESULTS.md "Thirty-third / Thirty-fourth round")
     unmask_schedule: str = "cosine"
+    # euler / analytic: the time grid, uniform in t | masked (uniform in the masked fraction 1 - e^-sigma_bar(t):
+    # equal expected unmasking shares per step whatever the noise; the same grid as uniform under loglinear noise)
+    time_grid: str = "uniform"
     # MaskGIT: subtracted from a prediction's log-confidence per position to its right (ranking only): 0 = pure
     # confidence order; large (e.g. 100) = left to right, a few tokens per step
     position_penalty: float = 0.0
@@ -457,6 +460,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "encoder.precision": ("auto", "bf16", "fp32"),
     "training.precision": ("auto", "bf16", "fp32"),
     "sampling.length": ("predict", "max"),
+    "sampling.time_grid": ("uniform", "masked"),
     "sampling.unmask_schedule": ("cosine", "linear"),  # mirrors sgdd.sampling.maskgit.UNMASK_SCHEDULES (tested)
     "tracking.mode": ("auto", "online", "offline", "disabled"),
 }

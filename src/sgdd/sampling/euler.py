@@ -2,7 +2,8 @@
 
 The loop (ScoreSampler) runs K = sampling.steps steps (a model evaluation each; fewer on the absorbing graph, below)
 on the time grid
-t_0 = 1 > t_1 > ... > t_{K-1} = eps (linear in t; the model is fed t, see sgdd.diffusion.score_entropy):
+t_0 = 1 > t_1 > ... > t_{K-1} = eps (linear in t, or in the masked fraction with sampling.time_grid: masked,
+see time_grid; the model is fed t, see sgdd.diffusion.score_entropy):
 
   start   x ~ the graph's limit (all MASK for absorbing, uniform over the states for uniform) on the first
           lengths[i] positions of each row, PAD beyond (never touched);
@@ -91,6 +92,25 @@ def choose_next(
     return torch.where((u < p_move) & can_move, dest, x)
 
 
+def time_grid(process: ScoreEntropyProcess, K: int, kind: str = "uniform") -> list[float]:
+    """The K times t_0 = 1 > ... > t_{K-1} = t_min a score sampler visits (sampling.time_grid).
+
+    uniform: evenly spaced in t. masked: evenly spaced in the masked fraction m(t) = 1 - e^-sigma_bar(t) (the
+    absorbing graph's masked fraction; on the uniform graph the fraction of positions moved), so each step unmasks
+    an equal expected share whatever the noise. Under loglinear noise m is linear in t and the two grids agree."""
+    t_min = max(process.eps, 1.0e-5)  # the final step needs sigma_bar(t_min) > 0
+    if kind not in ("uniform", "masked"):
+        raise ConfigError(f"sampling.time_grid must be 'uniform' or 'masked', got {kind!r}")
+    if kind == "uniform" or K < 2:
+        return torch.linspace(1.0, t_min, K, dtype=torch.float64).tolist()
+    ends = torch.tensor([1.0, t_min], dtype=torch.float64)
+    m_hi, m_lo = (-torch.expm1(-process.noise.total(ends))).tolist()
+    m = torch.linspace(m_hi, m_lo, K, dtype=torch.float64)
+    ts = process.noise.t_of_total(-torch.log1p(-m)).tolist()
+    ts[0], ts[-1] = 1.0, t_min
+    return ts
+
+
 class ScoreSampler(Sampler):
     """The reverse-time loop shared by the Euler and analytic samplers; subclasses define step_probs."""
 
@@ -159,8 +179,7 @@ class ScoreSampler(Sampler):
 
         x = graph.sample_limit((B, L), device=device, generator=generator)
         x = torch.where(valid, x, pad_id)
-        t_min = max(process.eps, 1.0e-5)  # the final step needs sigma_bar(t_min) > 0
-        ts = torch.linspace(1.0, t_min, K, dtype=torch.float64).tolist()
+        ts = time_grid(process, K, getattr(s, "time_grid", "uniform"))
         if graph.absorbing_id is not None:
             return self._sample_absorbing(model, process, graph, x, z, ts, widths, cfg_scale, generator, callback)
 
