@@ -96,8 +96,8 @@ def time_grid(process: ScoreEntropyProcess, K: int, kind: str = "uniform") -> li
     """The K times t_0 = 1 > ... > t_{K-1} = t_min a score sampler visits (sampling.time_grid).
 
     uniform: evenly spaced in t. masked: evenly spaced in the masked fraction m(t) = 1 - e^-sigma_bar(t) (the
-    absorbing graph's masked fraction; on the uniform graph the fraction of positions moved), so each step unmasks
-    an equal expected share whatever the noise. Under loglinear noise m is linear in t and the two grids agree."""
+    absorbing graph's masked fraction; on the uniform graph (N - 1) / N of it is the expected fraction of positions
+    changed), so on the absorbing graph each step unmasks an equal expected share whatever the noise. Under loglinear noise m is linear in t and the two grids agree."""
     t_min = max(process.eps, 1.0e-5)  # the final step needs sigma_bar(t_min) > 0
     if kind not in ("uniform", "masked"):
         raise ConfigError(f"sampling.time_grid must be 'uniform' or 'masked', got {kind!r}")
@@ -179,7 +179,7 @@ class ScoreSampler(Sampler):
 
         x = graph.sample_limit((B, L), device=device, generator=generator)
         x = torch.where(valid, x, pad_id)
-        ts = time_grid(process, K, getattr(s, "time_grid", "uniform"))
+        ts = time_grid(process, K, s.time_grid)
         if graph.absorbing_id is not None:
             return self._sample_absorbing(model, process, graph, x, z, ts, widths, cfg_scale, generator, callback)
 
