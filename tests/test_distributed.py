@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from conftest import tiny_train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
