@@ -530,7 +530,10 @@ def test_maskgit_decodes_sedd_weights_with_row_widths_reuse_and_shortlist(fields
 
 
 def test_time_grid_masked_is_uniform_in_the_masked_fraction():
-    from sgdd.sampling.euler import time_grid
+    from sgdd.config import _CHOICES
+    from sgdd.sampling.euler import TIME_GRIDS, time_grid
+
+    assert set(TIME_GRIDS) == set(_CHOICES["sampling.time_grid"])
 
     proc = ScoreEntropyProcess(make_cfg("absorbing", "cosine"), vocab_size=8)
     K = 9
@@ -571,6 +574,8 @@ def test_time_grid_masked_decodes(sampler):
         cfg = make_cfg("absorbing", "loglinear", sampler, 6, greedy=False)
         cfg.sampling.time_grid = grid
         proc = ScoreEntropyProcess(cfg, vocab_size=V)
-        outs.append(build_sampler(cfg).sample(RandomModel(V, L), proc, torch.randn(3, 4, generator=torch.Generator().manual_seed(0)),
-                                              torch.tensor([8, 5, 3]), 1.5, torch.Generator().manual_seed(4)))
+        z_rand = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+        x = build_sampler(cfg).sample(RandomModel(V, L), proc, z_rand, torch.tensor([8, 5, 3]), 1.5,
+                                      torch.Generator().manual_seed(4))
+        outs.append(x)
     assert torch.equal(outs[0], outs[1])

@@ -460,7 +460,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "encoder.precision": ("auto", "bf16", "fp32"),
     "training.precision": ("auto", "bf16", "fp32"),
     "sampling.length": ("predict", "max"),
-    "sampling.time_grid": ("uniform", "masked"),
+    "sampling.time_grid": ("uniform", "masked"),  # mirrors sgdd.sampling.euler.TIME_GRIDS (tested)
     "sampling.unmask_schedule": ("cosine", "linear"),  # mirrors sgdd.sampling.maskgit.UNMASK_SCHEDULES (tested)
     "tracking.mode": ("auto", "online", "offline", "disabled"),
 }

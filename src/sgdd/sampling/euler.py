@@ -92,15 +92,19 @@ def choose_next(
     return torch.where((u < p_move) & can_move, dest, x)
 
 
+TIME_GRIDS = ("uniform", "masked")  # sampling.time_grid's choices (config._CHOICES mirrors them, tested)
+
+
 def time_grid(process: ScoreEntropyProcess, K: int, kind: str = "uniform") -> list[float]:
     """The K times t_0 = 1 > ... > t_{K-1} = t_min a score sampler visits (sampling.time_grid).
 
     uniform: evenly spaced in t. masked: evenly spaced in the masked fraction m(t) = 1 - e^-sigma_bar(t) (the
     absorbing graph's masked fraction; on the uniform graph (N - 1) / N of it is the expected fraction of positions
-    changed), so on the absorbing graph each step unmasks an equal expected share whatever the noise. Under loglinear noise m is linear in t and the two grids agree."""
+    changed), so on the absorbing graph each step unmasks an equal expected share whatever the noise. Under
+    loglinear noise m is linear in t and the two grids agree."""
     t_min = max(process.eps, 1.0e-5)  # the final step needs sigma_bar(t_min) > 0
-    if kind not in ("uniform", "masked"):
-        raise ConfigError(f"sampling.time_grid must be 'uniform' or 'masked', got {kind!r}")
+    if kind not in TIME_GRIDS:
+        raise ConfigError(f"sampling.time_grid must be one of {list(TIME_GRIDS)}, got {kind!r}")
     if kind == "uniform" or K < 2:
         return torch.linspace(1.0, t_min, K, dtype=torch.float64).tolist()
     ends = torch.tensor([1.0, t_min], dtype=torch.float64)
