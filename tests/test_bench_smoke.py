@@ -470,3 +470,64 @@ def test_speed_summary_names_no_training_precision_without_the_peaks():
     assert summary["train_precision"] == "-"
     peaks = {"peak_bf16_gflops": 900.0, "peak_fp32_gflops": 200.0}
     assert speed.summarise({"peak": peaks, "sample": {"grid": grid}}, speed.Sizes())["train_precision"] == "bf16"
+
+
+def _load_corrector_probe():
+    spec = importlib.util.spec_from_file_location("bench_corrector_probe", ROOT / "bench" / "corrector_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_corrector_probe_packs_each_rows_draft_behind_its_latent():
+    """The corrector's draft and e_hyp travel behind z; any row subset (as the sampler takes) unpacks to its own
+    rows, each draft ending in EOS, trimmed to the subset's longest draft."""
+    from conftest import perturbed_decoder
+
+    probe = _load_corrector_probe()
+    dec = probe.DraftDecoder.convert(perturbed_decoder(40, 8), encoder_dim=6, draft_len=16)
+    z, e = torch.randn(3, 8), torch.randn(3, 6)
+    drafts = [[5, 6, 7, 8], [9], [10, 11]]
+    zp = probe.pack(z, e, drafts, 16)
+    assert zp.shape == (3, 8 + 6 + 16)
+    for rows in ([0, 1, 2], [2, 1], [1]):
+        zs, es, d = dec.split(zp[rows])
+        assert torch.equal(zs, z[rows]) and torch.equal(es, e[rows])
+        width = max(len(drafts[r]) for r in rows) + 1
+        assert d.shape == (len(rows), width)
+        for i, r in enumerate(rows):
+            assert d[i].tolist() == drafts[r] + [probe.EOS_ID] + [probe.PAD_ID] * (width - len(drafts[r]) - 1)
+    # W e_hyp starts at zero: the latent is z until the corrector trains it
+    assert torch.equal(dec.latent(zp), z)
+    # the draft reaches the output: another draft changes the logits at the same (x_t, t, z)
+    x_t = torch.full((3, 10), 1)
+    other = probe.pack(z, e, [[12, 13, 14, 15], [16], [17, 18]], 16)
+    with torch.no_grad():
+        assert not torch.allclose(dec(x_t, torch.full((3,), 0.5), zp), dec(x_t, torch.full((3,), 0.5), other))
+
+
+def test_corrector_probe_smoke(tiny_checkpoint, tiny_corpus, tmp_path):
+    """bench/corrector_probe.py drafts with the checkpoint, trains its corrector for a few seconds and scores every
+    arm; a second run reuses the drafts."""
+    train, valid = tiny_corpus
+    env = {**bench_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "cp"
+    cmd = [sys.executable, str(ROOT / "bench" / "corrector_probe.py"), "--checkpoint", str(tiny_checkpoint),
+           "--train-text", str(train), "--valid-text", str(valid), "--num-train", "48", "--num-valid", "6",
+           "--batch-size", "16", "--out", str(out)]
+    proc = subprocess.run([*cmd, "--minutes", "0.05"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    for arm in ("base", "base_exact", "corrector", "corrector_other_drafts", "corrector_empty_draft",
+                "corrector_round2"):
+        assert 0 <= r[arm]["bleu_roundtrip"] <= 100 and 0 <= r[arm]["token_f1_roundtrip"] <= 100, arm
+    assert r["train"]["steps"] >= 1 and r["train"]["sentences"] == 16 * r["train"]["steps"]
+    again = subprocess.run([*cmd, "--minutes", "0.01", "--no-draft"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "drafts from" in again.stdout and json.loads((out / "results.json").read_text())["args"]["no_draft"]
+    short = subprocess.run([*cmd, "--minutes", "0.01", "--num-train", "100000", "--out", str(tmp_path / "x")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert short.returncode != 0 and "lower --num-train" in short.stderr and "Traceback" not in short.stderr
