@@ -126,6 +126,10 @@ def read_lines(path: str, n: int, skip: int = 0) -> list[str]:
 
 
 def main() -> None:
+    from sgdd.cli import preload_allocator
+
+    # tcmalloc where installed, as quality.py: under glibc's malloc this loop's resident size grew ~0.6 GB a minute
+    preload_allocator(__file__)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--train-text", default="../shared/data/eltec_eng/train.txt")
