@@ -108,6 +108,7 @@ def pack(z: torch.Tensor, e_hyp: torch.Tensor, drafts: list[list[int]], width: i
 
 
 def encode_texts(model, texts: list[str]) -> torch.Tensor:
+    # a draft can be empty (the sampler wrote only EOS / PAD); SGDD.encode refuses empty inputs, so "." stands in
     return model.encode([t if t.strip() else "." for t in texts]).float().cpu()
 
 
@@ -169,8 +170,8 @@ def main() -> None:
     cache = out / "drafts.pt"
     key = {"checkpoint": str(Path(args.checkpoint).resolve()), "num_train": args.num_train,
            "num_valid": args.num_valid, "train": args.train_text, "valid": args.valid_text}
-    if cache.exists() and torch.load(cache)["key"] == key:
-        D = torch.load(cache)
+    D = torch.load(cache) if cache.exists() else None
+    if D is not None and D.get("key") == key:
         print(f"drafts from {cache}")
     else:
         with open(args.train_text, encoding="utf-8") as f:
