@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: git commit id, RESULTS.md table rows, peak RSS."""
+"""Helpers shared by the benchmark scripts: git commit id, RESULTS.md table rows, peak RSS, evaluation lines."""
 
 from __future__ import annotations
 
@@ -37,3 +37,16 @@ def append_row(path: Path, section: str, header: str, row: str) -> None:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def read_lines(path: str | Path, n: float) -> list[str]:
+    """The first n non-empty lines of a UTF-8 file, stripped (n = math.inf: all): the evaluation sentences of
+    quality.py and corrector_probe.py ("the first 1,000 lines of valid.txt")."""
+    lines = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                lines.append(line.strip())
+            if len(lines) >= n:
+                break
+    return lines

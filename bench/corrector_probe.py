@@ -34,8 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from common import read_lines  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sgdd.data import Vocab, make_batch  # noqa: E402
@@ -51,14 +53,13 @@ class DraftDecoder(Decoder):
     share_null_rows = False
 
     @classmethod
-    def convert(cls, dec: Decoder, encoder_dim: int, draft_len: int) -> DraftDecoder:
+    def convert(cls, dec: Decoder, encoder_dim: int) -> DraftDecoder:
         if dec.num_prefix or dec.num_cross or dec.rope_cos is not None or dec.z_pos is not None or dec.self_condition:
             raise SystemExit("corrector_probe handles learned positions, no prefix / cross tokens / z_positions / "
                              "self-conditioning (the fiction config)")
         dec.__class__ = cls
         D = dec.arch.dim
         dev = dec.tok_emb.weight.device
-        dec.draft_len = draft_len
         dec.draft_seg = nn.Parameter(torch.randn(D, device=dev) * 0.02)
         dec.draft_hyp = nn.Linear(encoder_dim, dec.latent_dim).to(dev)
         nn.init.zeros_(dec.draft_hyp.weight)
@@ -71,18 +72,18 @@ class DraftDecoder(Decoder):
         keep = int((d != PAD_ID).any(0).nonzero().max()) + 1 if bool((d != PAD_ID).any()) else 1
         return z, e_hyp, d[:, :keep]
 
-    def latent(self, zp: torch.Tensor) -> torch.Tensor:
-        z, e_hyp, _ = self.split(zp)
+    def latent(self, z: torch.Tensor, e_hyp: torch.Tensor) -> torch.Tensor:
+        """The corrector's condition z + W e_hyp."""
         return z + self.draft_hyp(e_hyp.to(self.draft_hyp.weight.dtype)).to(z.dtype)
 
     def bow_logits(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[1] > self.latent_dim:  # the sampler's shortlist call passes the packed latent
-            z = self.latent(z)
+            z = self.latent(*self.split(z)[:2])
         return super().bow_logits(z)
 
     def _hidden(self, x_t, t, zp, uncond=None, sc=None, widths=None):
-        _, _, d = self.split(zp)
-        z = self.latent(zp)
+        z, e_hyp, d = self.split(zp)
+        z = self.latent(z, e_hyp)
         B, L = x_t.shape
         Ld = d.shape[1]
         c, z = self._condition_rows(x_t, t, z, uncond)
@@ -110,20 +111,6 @@ def pack(z: torch.Tensor, e_hyp: torch.Tensor, drafts: list[list[int]], width: i
 def encode_texts(model, texts: list[str]) -> torch.Tensor:
     # a draft can be empty (the sampler wrote only EOS / PAD); SGDD.encode refuses empty inputs, so "." stands in
     return model.encode([t if t.strip() else "." for t in texts]).float().cpu()
-
-
-def read_lines(path: str, n: int, skip: int = 0) -> list[str]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i < skip:
-                continue
-            line = line.strip()
-            if line:
-                out.append(line)
-            if len(out) >= n:
-                break
-    return out
 
 
 def main() -> None:
@@ -165,7 +152,9 @@ def main() -> None:
     results: dict = {"checkpoint": args.checkpoint, "args": vars(args)}
 
     # 1. drafts -------------------------------------------------------------------------------------------
-    # training lines from a seeded sample of the file (the base trained on its first max_sentences lines)
+    # training lines: a seeded sample of the file's first data.max_sentences non-empty lines. Not exactly the base's
+    # training set: sgdd.data.load_corpus takes a seeded max_sentences of the whole file (about 40 % overlap on
+    # ELTeC-eng); round 45's numbers were made this way
     valid = read_lines(args.valid_text, args.num_valid)
     cache = out / "drafts.pt"
     key = {"checkpoint": str(Path(args.checkpoint).resolve()), "num_train": args.num_train,
@@ -174,9 +163,7 @@ def main() -> None:
     if D is not None and D.get("key") == key:
         print(f"drafts from {cache}")
     else:
-        with open(args.train_text, encoding="utf-8") as f:
-            lines = [s.strip() for s in f if s.strip()]
-        lines = lines[: cfg.data.max_sentences or None]
+        lines = read_lines(args.train_text, cfg.data.max_sentences or math.inf)
         if len(lines) < args.num_train:
             raise SystemExit(f"--train-text has {len(lines)} non-empty lines (within data.max_sentences), fewer "
                              f"than --num-train {args.num_train}; lower --num-train")
@@ -219,7 +206,7 @@ def main() -> None:
 
     # 2. the corrector ------------------------------------------------------------------------------------
     corr = copy.deepcopy(net)
-    DraftDecoder.convert(corr.decoder, D["train_e"].shape[1], L)
+    DraftDecoder.convert(corr.decoder, D["train_e"].shape[1])
     for p in corr.parameters():
         p.requires_grad_(False)
     params = [p for n, p in corr.decoder.named_parameters() if not n.startswith("bow_")]

@@ -31,18 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # benchmark run from a git worktree snapshot must time the snapshot's code, the commit its row records)
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import append_row, git_commit  # noqa: E402
-
-
-def read_lines(path: Path, n: int) -> list[str]:
-    lines = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                lines.append(line.strip())
-            if len(lines) >= n:
-                break
-    return lines
+from common import append_row, git_commit, read_lines  # noqa: E402
 
 
 def main() -> int:

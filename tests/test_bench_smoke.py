@@ -486,7 +486,7 @@ def test_corrector_probe_packs_each_rows_draft_behind_its_latent():
     from conftest import perturbed_decoder
 
     probe = _load_corrector_probe()
-    dec = probe.DraftDecoder.convert(perturbed_decoder(40, 8), encoder_dim=6, draft_len=16)
+    dec = probe.DraftDecoder.convert(perturbed_decoder(40, 8), encoder_dim=6)
     z, e = torch.randn(3, 8), torch.randn(3, 6)
     drafts = [[5, 6, 7, 8], [9], [10, 11]]
     zp = probe.pack(z, e, drafts, 16)
@@ -499,7 +499,7 @@ def test_corrector_probe_packs_each_rows_draft_behind_its_latent():
         for i, r in enumerate(rows):
             assert d[i].tolist() == drafts[r] + [probe.EOS_ID] + [probe.PAD_ID] * (width - len(drafts[r]) - 1)
     # W e_hyp starts at zero: the latent is z until the corrector trains it
-    assert torch.equal(dec.latent(zp), z)
+    assert torch.equal(dec.latent(z, e), z)
     # the draft reaches the output: another draft changes the logits at the same (x_t, t, z)
     x_t = torch.full((3, 10), 1)
     other = probe.pack(z, e, [[12, 13, 14, 15], [16], [17, 18]], 16)
