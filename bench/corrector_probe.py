@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from common import read_lines  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sgdd.data import Vocab, make_batch  # noqa: E402
+from sgdd.data import Vocab, load_corpus, make_batch  # noqa: E402
 from sgdd.models.decoder import Decoder  # noqa: E402
 
 PAD_ID, EOS_ID = Vocab.PAD, Vocab.EOS
@@ -152,21 +152,22 @@ def main() -> None:
     results: dict = {"checkpoint": args.checkpoint, "args": vars(args)}
 
     # 1. drafts -------------------------------------------------------------------------------------------
-    # training lines: a seeded sample of the file's first data.max_sentences non-empty lines. Not exactly the base's
-    # training set: sgdd.data.load_corpus takes a seeded max_sentences of the whole file (about 40 % overlap on
-    # ELTeC-eng); round 45's numbers were made this way
+    # training lines: a seeded sample of the base's own training set (sgdd.data.load_corpus on --train-text with
+    # the checkpoint's data settings). Round 45 (commit 56360a3 and before) sampled the file's first
+    # data.max_sentences non-empty lines instead, of which about 40 % were in the training set
     valid = read_lines(args.valid_text, args.num_valid)
     cache = out / "drafts.pt"
     key = {"checkpoint": str(Path(args.checkpoint).resolve()), "num_train": args.num_train,
-           "num_valid": args.num_valid, "train": args.train_text, "valid": args.valid_text}
+           "num_valid": args.num_valid, "train": args.train_text, "valid": args.valid_text, "pool": "load_corpus"}
     D = torch.load(cache) if cache.exists() else None
     if D is not None and D.get("key") == key:
         print(f"drafts from {cache}")
     else:
-        lines = read_lines(args.train_text, cfg.data.max_sentences or math.inf)
+        data_cfg = dataclasses.replace(cfg.data, source="text", path=args.train_text, valid_path=args.valid_text)
+        lines = load_corpus(dataclasses.replace(cfg, data=data_cfg), tokenizer=vocab.tokenizer).train
         if len(lines) < args.num_train:
-            raise SystemExit(f"--train-text has {len(lines)} non-empty lines (within data.max_sentences), fewer "
-                             f"than --num-train {args.num_train}; lower --num-train")
+            raise SystemExit(f"the training set made from --train-text has {len(lines)} sentences (data.max_sentences "
+                             f"{cfg.data.max_sentences}), fewer than --num-train {args.num_train}; lower --num-train")
         train = random.Random(1234).sample(lines, args.num_train)
         D = {"key": key, "train": train, "valid": valid}
         for name, texts in (("valid", valid), ("train", train)):

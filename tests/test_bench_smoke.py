@@ -9,6 +9,7 @@ slow tiny workloads down many times over.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -21,7 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sgdd.api import SGDD
 from sgdd.config import load_config
+from sgdd.data import load_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/fiction_minilm.yaml"
@@ -524,6 +527,14 @@ def test_corrector_probe_smoke(tiny_checkpoint, tiny_corpus, tmp_path):
                 "corrector_round2"):
         assert 0 <= r[arm]["bleu_roundtrip"] <= 100 and 0 <= r[arm]["token_f1_roundtrip"] <= 100, arm
     assert r["train"]["steps"] >= 1 and r["train"]["sentences"] == 16 * r["train"]["steps"]
+    # the drafted training sentences are the base's kind of training sentences: load_corpus's filtered training set
+    # of --train-text (the length filter drops some of these 300 lines), never a validation line
+    cfg = SGDD.from_pretrained(tiny_checkpoint).cfg
+    data_cfg = dataclasses.replace(cfg.data, source="text", path=str(train), valid_path=str(valid))
+    corpus = load_corpus(dataclasses.replace(cfg, data=data_cfg))
+    drafted = torch.load(out / "drafts.pt")["train"]
+    assert len(drafted) == 48 and set(drafted) <= set(corpus.train)
+    assert len(corpus.train) < 300 and not set(drafted) & set(corpus.valid)
     again = subprocess.run([*cmd, "--minutes", "0.01", "--no-draft"], cwd=ROOT, capture_output=True, text=True,
                            timeout=600, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
