@@ -542,3 +542,60 @@ def test_corrector_probe_smoke(tiny_checkpoint, tiny_corpus, tmp_path):
     short = subprocess.run([*cmd, "--minutes", "0.01", "--num-train", "100000", "--out", str(tmp_path / "x")],
                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert short.returncode != 0 and "lower --num-train" in short.stderr and "Traceback" not in short.stderr
+
+
+def _load_repro():
+    spec = importlib.util.spec_from_file_location("bench_repro", ROOT / "bench" / "repro.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repro_compares_runs_with_the_first():
+    """bench/repro.py's comparison: outputs counted one by one; weights by digest, then the largest difference."""
+    repro = _load_repro()
+    first = {"outputs": ["a b", "c d", "e"]}
+    assert repro.compare("decode", first, {"outputs": ["a b", "c d", "e"]}) == {"match": True, "same_outputs": 3,
+                                                                                "of": 3}
+    assert repro.compare("decode", first, {"outputs": ["a b", "c", "e"]})["same_outputs"] == 2
+    w = {"x": torch.arange(6.0).reshape(2, 3), "y": torch.ones(2, dtype=torch.bfloat16)}
+    digest, flat = repro.weights_digest(w)
+    assert repro.weights_digest({"y": w["y"].clone(), "x": w["x"].clone()})[0] == digest  # order-free
+    w2 = {"x": w["x"].clone(), "y": w["y"].clone()}
+    w2["x"][1, 2] += 0.25
+    digest2, flat2 = repro.weights_digest(w2)
+    assert digest2 != digest
+    assert repro.weights_digest({"x": w["x"].to(torch.float64), "y": w["y"]})[0] != digest  # dtype counts
+    assert repro.parse_pairs(["A=1", "B=x=y"], "--env") == {"A": "1", "B": "x=y"}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        repro.parse_pairs(["A"], "--env")
+    assert repro.sampling_value("16") == 16 and repro.sampling_value("linear") == "linear"
+
+
+def test_repro_smoke(tiny_checkpoint, tiny_corpus, tmp_path):
+    """bench/repro.py repeats a decode and a short training run in fresh processes; with one thread on an idle
+    machine both repeat bit for bit, and the JSON says so."""
+    from conftest import tiny_train_overrides
+
+    train, valid = tiny_corpus
+    env = {**bench_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "decode.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "repro.py"), "decode", "--checkpoint", str(tiny_checkpoint),
+           "--data", str(valid), "--num", "4", "--runs", "2", "--set", "steps=4", "--env", "SGDD_TEST_MARK=1",
+           "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["summary"]["matched_first"] == "1 / 1" and r["runs"][1]["same_outputs"] == 4
+    assert r["summary"]["env"] == {"SGDD_TEST_MARK": "1"}
+    overrides = tiny_train_overrides(tmp_path, [line for line in train.read_text().splitlines() if line][:64])
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "repro.py"), "train", "--steps", "3", "--runs", "2",
+           "--output", str(out), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["summary"]["matched_first"] == "1 / 1" and r["runs"][1]["max_abs_diff"] == 0.0
+    bad = subprocess.run([*cmd[:3], "--runs", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode != 0 and "--runs must be at least 2" in bad.stderr
