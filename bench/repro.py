@@ -135,8 +135,14 @@ def compare(mode: str, first: dict, run: dict) -> dict:
     import torch
 
     a, b = torch.load(first["weights"]), torch.load(run["weights"])
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    return {"match": False, "max_abs_diff": diff}
+    diffs = {k: (a[k] - b[k]).abs() for k in a}
+    worst = max(diffs, key=lambda k: float(diffs[k].max()) if diffs[k].numel() else 0.0)
+    return {"match": False, "max_abs_diff": float(diffs[worst].max()), "worst_tensor": worst,
+            "tensors_differing": sum(bool((d > 0).any()) for d in diffs.values()), "tensors": len(diffs),
+            "elements_differing": sum(int((d > 0).sum()) for d in diffs.values()),
+            "elements": sum(d.numel() for d in diffs.values()),
+            "rel_l2_diff": float(sum(float((d ** 2).sum()) for d in diffs.values()) ** 0.5
+                                 / max(1e-30, sum(float((a[k] ** 2).sum()) for k in a) ** 0.5))}
 
 
 def main() -> int:
@@ -175,7 +181,7 @@ def main() -> int:
     spinners = [mp.Process(target=_spin, daemon=True) for _ in range(args.load)]
     for s in spinners:
         s.start()
-    rows = []
+    rows, results = [], []
     try:
         with tempfile.TemporaryDirectory(prefix="sgdd_repro_") as tmp:
             first = None
@@ -188,6 +194,7 @@ def main() -> int:
                 else:
                     cmp = compare(args.mode, first, run)
                 row = {"run": i, "seconds": round(run["seconds"], 1), "threads": run["threads"], **cmp}
+                results.append(run["digest"] if args.mode == "train" else tuple(run["outputs"]))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -195,9 +202,9 @@ def main() -> int:
             s.kill()
     matched = sum(r["match"] for r in rows[1:])
     summary = {"mode": args.mode, "runs": args.runs, "load": args.load, "env": parse_pairs(args.env, "--env"),
-               "matched_first": f"{matched} / {args.runs - 1}"}
-    print(f"{args.mode}: {matched} of {args.runs - 1} runs identical to the first (load {args.load}, "
-          f"env {summary['env'] or '-'})")
+               "matched_first": f"{matched} / {args.runs - 1}", "distinct_results": len(set(results))}
+    print(f"{args.mode}: {matched} of {args.runs - 1} runs identical to the first, {len(set(results))} distinct "
+          f"result(s) in {args.runs} runs (load {args.load}, env {summary['env'] or '-'})")
     if args.output:
         Path(args.output).write_text(json.dumps({"summary": summary, "runs": rows}, indent=1), encoding="utf-8")
     return 0

@@ -552,8 +552,9 @@ def _load_repro():
     return module
 
 
-def test_repro_compares_runs_with_the_first():
-    """bench/repro.py's comparison: outputs counted one by one; weights by digest, then the largest difference."""
+def test_repro_compares_runs_with_the_first(tmp_path):
+    """bench/repro.py's comparison: outputs counted one by one; weights by digest, then the largest difference, the
+    tensor it is in and how many elements differ."""
     repro = _load_repro()
     first = {"outputs": ["a b", "c d", "e"]}
     assert repro.compare("decode", first, {"outputs": ["a b", "c d", "e"]}) == {"match": True, "same_outputs": 3,
@@ -567,6 +568,15 @@ def test_repro_compares_runs_with_the_first():
     digest2, flat2 = repro.weights_digest(w2)
     assert digest2 != digest
     assert repro.weights_digest({"x": w["x"].to(torch.float64), "y": w["y"]})[0] != digest  # dtype counts
+    torch.save(flat, tmp_path / "a.pt")
+    torch.save(flat2, tmp_path / "b.pt")
+    first = {"digest": digest, "weights": str(tmp_path / "a.pt")}
+    assert repro.compare("train", first, dict(first)) == {"match": True, "max_abs_diff": 0.0}
+    cmp = repro.compare("train", first, {"digest": digest2, "weights": str(tmp_path / "b.pt")})
+    rel = cmp.pop("rel_l2_diff")
+    assert cmp == {"match": False, "max_abs_diff": 0.25, "worst_tensor": "x", "tensors_differing": 1, "tensors": 2,
+                   "elements_differing": 1, "elements": 8}
+    assert abs(rel - 0.25 / float(torch.cat([flat["x"].flatten(), flat["y"]]).norm())) < 1e-6
     assert repro.parse_pairs(["A=1", "B=x=y"], "--env") == {"A": "1", "B": "x=y"}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         repro.parse_pairs(["A"], "--env")
@@ -588,6 +598,7 @@ def test_repro_smoke(tiny_checkpoint, tiny_corpus, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["summary"]["matched_first"] == "1 / 1" and r["runs"][1]["same_outputs"] == 4
+    assert r["summary"]["distinct_results"] == 1
     assert r["summary"]["env"] == {"SGDD_TEST_MARK": "1"}
     overrides = tiny_train_overrides(tmp_path, [line for line in train.read_text().splitlines() if line][:64])
     out = tmp_path / "train.json"
@@ -597,5 +608,6 @@ def test_repro_smoke(tiny_checkpoint, tiny_corpus, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["summary"]["matched_first"] == "1 / 1" and r["runs"][1]["max_abs_diff"] == 0.0
+    assert r["summary"]["distinct_results"] == 1
     bad = subprocess.run([*cmd[:3], "--runs", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode != 0 and "--runs must be at least 2" in bad.stderr
