@@ -3,12 +3,18 @@
 bf16 autocast is about 3-4x faster than fp32 on CPUs with native bf16 instructions (AVX512-BF16 / AMX) and
 on recent GPUs, but hundreds of times slower where bf16 is emulated: on an AVX2-only CPU torch 2.15 multiplies
 bf16 matrices at ~0.3 GFLOP/s against ~140 GFLOP/s in fp32. A fixed bf16 default would make training and the
-embedding cache unusable there, so the default is `auto`: bf16 when it is measured to be faster than fp32 on
-the device at hand (by more than ~1.1x: the 256^3 probe is noisy), else fp32.
+embedding cache unusable there, so the default is `auto`: bf16 where the device has it natively (CPU: its
+instruction set; else measured faster than fp32 by more than ~1.1x), else fp32.
 
 - CUDA: bf16 when `torch.cuda.is_bf16_supported()`.
-- CPU: a micro-benchmark (a 256^3 matmul in each dtype, best of a few runs, ~10 ms where bf16 is native and
-  ~0.4 s where it is emulated), run once per process (at the thread count of that first call) and cached.
+- CPU with bf16 matmul instructions (AVX512-BF16 or AMX, as torch reports them): bf16, without timing anything.
+  The timing probe below used to decide here too, and it is too short for that: on a native-bf16 Xeon it put bf16
+  at 0.49-0.64x fp32's time in 11 of 12 fresh processes and at 1.12x in one, so `auto` chose fp32 in about one
+  process in twelve (bench/RESULTS.md, round 46): that run trained at half speed, built a second embedding cache,
+  and decoded other sentences than the rest.
+- Other CPUs: a micro-benchmark (a 256^3 matmul in each dtype, best of a few runs, ~0.4 s where bf16 is emulated,
+  where it is ~400x slower and the probe's noise cannot flip the choice), run once per process (at the thread count
+  of that first call) and cached.
 - An explicit `bf16` on a device where it is slow is kept (the user asked for it) with one warning saying how
   much slower it is.
 
@@ -52,13 +58,31 @@ def cpu_matmul_times() -> tuple[float, float]:
     return _matmul_seconds(torch.bfloat16), _matmul_seconds(torch.float32)
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool | None:
+    """True where torch reports bf16 matmul instructions on this CPU (AVX512-BF16 or AMX tiles), False where it
+    reports neither, None where this torch build cannot tell (then the timing probe decides)."""
+    checks = [getattr(getattr(torch, "cpu", None), name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [c for c in checks if callable(c)]
+    if not checks:
+        return None
+    try:
+        return any(bool(c()) for c in checks)
+    except Exception:  # a private torch helper: any failure means "cannot tell"
+        return None
+
+
 def bf16_is_fast(device: str | torch.device = "cpu") -> bool:
-    """True where bf16 matmuls beat fp32 ones on `device` (CPU: measured; CUDA: the device's bf16 support)."""
+    """True where bf16 matmuls beat fp32 ones on `device` (CPU: native bf16 instructions, else measured; CUDA:
+    the device's bf16 support)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if dev.type != "cpu":
         return False
+    if cpu_has_native_bf16():
+        return True
     t_bf16, t_fp32 = cpu_matmul_times()
     return t_bf16 < 0.9 * t_fp32
 
