@@ -119,7 +119,8 @@ def run_child(args, mode: str, env: dict, workdir: Path) -> dict:
         cmd += [x for s in args.set for x in ("--set", s)]
     else:
         cmd += (["--config", args.config] if args.config else []) + ["--steps", str(args.steps), *args.overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    # the caller's working directory: relative paths in the arguments and overrides mean what they meant to the caller
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"a {mode} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     result_file = workdir / "result.json"

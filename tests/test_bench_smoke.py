@@ -45,8 +45,9 @@ def expected_allocator() -> str:
     return Path(os.path.realpath(path)).name if path else "libc"  # the file /proc/self/maps names
 
 
-def _load_speed_module():
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
+def _load_bench_script(name: str):
+    """bench/NAME.py imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -164,7 +165,7 @@ def test_speed_quick_runs_every_part(tiny_corpus, tmp_path):
 
 def test_synthetic_material_without_a_corpus(tmp_path):
     """No corpus file: a 20,000-id vocabulary and sentence lengths shaped like the fiction corpus."""
-    speed = _load_speed_module()
+    speed = _load_bench_script("speed")
     cfg = load_config(
         CONFIG,
         [f"data.path={tmp_path / 'missing.txt'}", "data.valid_path=", f"data.cache_dir={tmp_path / 'cache'}"],
@@ -196,7 +197,7 @@ class RandomEncoder:
 def test_material_uses_a_built_cache_and_never_builds_one(tiny_corpus, tmp_path, bundled_tokenizer):
     from sgdd.embed_cache import prepare
 
-    speed = _load_speed_module()
+    speed = _load_bench_script("speed")
     cfg = load_config(CONFIG, tiny_overrides(tiny_corpus, tmp_path))
     material = speed.load_material(cfg)
     assert material.source == "corpus" and material.emb is None
@@ -220,7 +221,7 @@ def test_sample_part_from_a_checkpoint(tiny_corpus, tmp_path, tiny_vocab):
     from sgdd.generation import choose_lengths
     from sgdd.models import SGDDNet
 
-    speed = _load_speed_module()
+    speed = _load_bench_script("speed")
     overrides = tiny_overrides(tiny_corpus, tmp_path)
     cfg = load_config(CONFIG, overrides)
     net = SGDDNet(cfg, len(tiny_vocab), 384, encoder_ids=tiny_vocab.encoder_ids)
@@ -364,7 +365,7 @@ def test_train_batches_are_representative_of_the_epochs_lengths():
 
     from sgdd.data import LengthBucketSampler
 
-    speed = _load_speed_module()
+    speed = _load_bench_script("speed")
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.gamma(2.0, 12.0, size=20_000).astype(int), 1, 63)
     tokens = [[5] * int(n) for n in lengths]
@@ -467,7 +468,7 @@ def test_profile_sampling_smoke(tiny_checkpoint, tmp_path):
 
 def test_speed_summary_names_no_training_precision_without_the_peaks():
     """`--parts sample` measures no matmul peak: the summary must not claim the machine trains in fp32."""
-    speed = _load_speed_module()
+    speed = _load_bench_script("speed")
     grid = [{"sampler": "maskgit", "steps": 16, "cfg_scale": 1.5, "batch": 64, "sentences_per_s": 70.0}]
     summary = speed.summarise({"sample": {"grid": grid}}, speed.Sizes())
     assert summary["train_precision"] == "-"
@@ -475,20 +476,12 @@ def test_speed_summary_names_no_training_precision_without_the_peaks():
     assert speed.summarise({"peak": peaks, "sample": {"grid": grid}}, speed.Sizes())["train_precision"] == "bf16"
 
 
-def _load_corrector_probe():
-    spec = importlib.util.spec_from_file_location("bench_corrector_probe", ROOT / "bench" / "corrector_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_corrector_probe_packs_each_rows_draft_behind_its_latent():
     """The corrector's draft and e_hyp travel behind z; any row subset (as the sampler takes) unpacks to its own
     rows, each draft ending in EOS, trimmed to the subset's longest draft."""
     from conftest import perturbed_decoder
 
-    probe = _load_corrector_probe()
+    probe = _load_bench_script("corrector_probe")
     dec = probe.DraftDecoder.convert(perturbed_decoder(40, 8), encoder_dim=6)
     z, e = torch.randn(3, 8), torch.randn(3, 6)
     drafts = [[5, 6, 7, 8], [9], [10, 11]]
@@ -544,18 +537,10 @@ def test_corrector_probe_smoke(tiny_checkpoint, tiny_corpus, tmp_path):
     assert short.returncode != 0 and "lower --num-train" in short.stderr and "Traceback" not in short.stderr
 
 
-def _load_repro():
-    spec = importlib.util.spec_from_file_location("bench_repro", ROOT / "bench" / "repro.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_repro_compares_runs_with_the_first(tmp_path):
     """bench/repro.py's comparison: outputs counted one by one; weights by digest, then the largest difference, the
     tensor it is in and how many elements differ."""
-    repro = _load_repro()
+    repro = _load_bench_script("repro")
     first = {"outputs": ["a b", "c d", "e"]}
     assert repro.compare("decode", first, {"outputs": ["a b", "c d", "e"]}) == {"match": True, "same_outputs": 3,
                                                                                 "of": 3}
