@@ -2,12 +2,12 @@
 optionally with busy-loop processes competing for the cores, and compares every run with the first.
 
     uv run python bench/repro.py decode --checkpoint checkpoints/RUN/latest --data valid.txt --num 100 --runs 10 \\
-        [--load 1] [--env MKL_DYNAMIC=FALSE --env OMP_DYNAMIC=FALSE] [--set steps=16 --set cfg_scale=1.5]
+        [--load 1] [--env MKL_DYNAMIC=FALSE --env OMP_DYNAMIC=FALSE] [--set sampling.steps=16 --set sampling.cfg_scale=1.5]
     uv run python bench/repro.py train --config configs/fiction_minilm.yaml --steps 50 --runs 4 [--load 1] \\
         [--env ...] [key=value config overrides ...]
 
 decode: each run loads the checkpoint (EMA weights) and reconstructs the first --num non-empty lines of --data
-with seed 0 and the checkpoint's sampling config (--set FIELD=VALUE changes a SamplingConfig field); a run
+with seed 0 and the checkpoint's config (--set KEY=VALUE overrides it, as in bench/speed.py); a run
 matches when all its outputs equal the first run's, else the report gives how many do.
 train: each run trains --steps optimizer steps from the config's seed (no time budget, no latent pre-training
 unless the overrides ask for it, no evaluation) into a scratch folder; a run matches when its final raw weights
@@ -19,6 +19,7 @@ an environment variable in every run. Prints one line per run and a summary; --o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
@@ -49,12 +50,16 @@ def parse_pairs(pairs: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def sampling_value(text: str):
-    """A --set value as JSON when it parses (16, 1.5, true, "x"), else the plain string."""
+def checked_overrides(overrides: list[str], flag: str) -> list[str]:
+    """--set KEY=VALUE config overrides, checked against the config's sections, fields and types (on the default
+    config: the parent has not loaded the checkpoint) so a typo fails before the first run."""
+    from sgdd.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
+
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+        config_from_dict(apply_overrides(config_to_dict(Config()), overrides), flag)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+    return overrides
 
 
 def child_decode(args) -> dict:
@@ -66,11 +71,16 @@ def child_decode(args) -> dict:
     texts = read_lines(args.data, args.num)
     if not texts:
         raise SystemExit(f"--data {args.data} has no non-empty lines")
+    from sgdd.config import apply_overrides, config_from_dict, config_to_dict, validate_config
+
     model = SGDD.from_pretrained(args.checkpoint, device="cpu")
-    overrides = {k: sampling_value(v) for k, v in parse_pairs(args.set, "--set").items()}
+    if args.set:  # the checkpoint's config with the overrides, as bench/speed.py applies them
+        model.cfg = config_from_dict(apply_overrides(config_to_dict(model.cfg), args.set), "--set")
+        validate_config(model.cfg, "--set")
     t0 = time.time()
-    outputs = model.reconstruct(texts, seed=0, **overrides)
-    return {"outputs": outputs, "seconds": time.time() - t0, "threads": torch.get_num_threads()}
+    outputs = model.reconstruct(texts, seed=0)
+    return {"outputs": outputs, "seconds": time.time() - t0, "threads": torch.get_num_threads(),
+            "sampling": dataclasses.asdict(model.cfg.sampling)}
 
 
 def weights_digest(state: dict) -> tuple[str, dict]:
@@ -161,7 +171,8 @@ def main() -> int:
             p.add_argument("--checkpoint", required=True)
             p.add_argument("--data", required=True, help="UTF-8 text, one sentence per line")
             p.add_argument("--num", type=int, default=100, help="sentences: the first NUM non-empty lines")
-            p.add_argument("--set", action="append", default=[], help="FIELD=VALUE, a sampling setting (repeatable)")
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="config override on the checkpoint's config, e.g. sampling.steps=16 (repeatable)")
         else:
             p.add_argument("--config", help="YAML config (default: the built-in defaults)")
             p.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
@@ -177,7 +188,7 @@ def main() -> int:
         raise SystemExit(f"--runs must be at least 2 (the first run is the reference), got {args.runs}")
     if args.mode == "decode" and not Path(args.data).is_file():
         raise SystemExit(f"--data {args.data}: no such file")
-    parse_pairs(getattr(args, "set", []), "--set")
+    checked_overrides(getattr(args, "set", []), "--set")
     env = {**os.environ, **parse_pairs(args.env, "--env")}
     spinners = [mp.Process(target=_spin, daemon=True) for _ in range(args.load)]
     for s in spinners:
@@ -204,6 +215,8 @@ def main() -> int:
     matched = sum(r["match"] for r in rows[1:])
     summary = {"mode": args.mode, "runs": args.runs, "load": args.load, "env": parse_pairs(args.env, "--env"),
                "matched_first": f"{matched} / {args.runs - 1}", "distinct_results": len(set(results))}
+    if args.mode == "decode":  # the sampling settings the runs decoded with: the checkpoint's, after --set
+        summary["sampling"] = first["sampling"]
     print(f"{args.mode}: {matched} of {args.runs - 1} runs identical to the first, {len(set(results))} distinct "
           f"result(s) in {args.runs} runs (load {args.load}, env {summary['env'] or '-'})")
     if args.output:
